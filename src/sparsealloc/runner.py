@@ -1,0 +1,215 @@
+"""The one block-sequential runner used by calibration, pruning, OWL statistics and the probe.
+
+Protocol (SparseGPT / Wanda / OWL): the calibration sequences are embedded once;
+every decoder block is then run on the outputs of the blocks before it (already
+pruned, when pruning). Only the block being processed is moved to the compute
+device; hidden states live on the storage device (CPU by default).
+
+Capture records, for every calibration batch and every block, everything the
+model passed to that block (positional arguments and keyword arguments:
+attention masks, position embeddings, position ids, ...). It does so by
+replacing every block's ``forward`` with a recorder for one cheap pass, so
+architectures that give different blocks different masks or rotary tables
+(Gemma 3's sliding and global layers) are served faithfully.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models.arch import Architecture, discover
+from .progress import progress_bar
+
+
+class _StopForward(Exception):
+    """Raised by the last block's recorder: nothing after the blocks needs computing."""
+
+
+@dataclass
+class BlockCall:
+    """How the model called one block: the arguments around the hidden states."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+    hidden_in_kwargs: bool
+
+    def invoke(self, block: nn.Module, hidden: torch.Tensor, device: torch.device) -> torch.Tensor:
+        args = _to(self.args, device)
+        kwargs = _to(self.kwargs, device)
+        if self.hidden_in_kwargs:
+            out = block(*args, hidden_states=hidden, **kwargs)
+        else:
+            out = block(hidden, *args, **kwargs)
+        return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device == device else obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class Activations:
+    """Hidden states entering the current block, one tensor per batch, and the block calls."""
+
+    hidden: list[torch.Tensor]
+    calls: list[list[BlockCall]] = field(default_factory=list)  # [batch][block]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+    def clone(self) -> Activations:
+        return Activations(hidden=[h.clone() for h in self.hidden], calls=self.calls)
+
+
+class BlockRunner:
+    """Runs a causal LM block by block.
+
+    Args:
+        model: a Hugging Face causal LM (any architecture whose blocks sit in a ModuleList).
+        device: where each block is computed ("cpu" or "cuda[:i]").
+        storage_device: where hidden states are kept between blocks (default CPU).
+        progress: show progress bars.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: str | torch.device = "cpu",
+        storage_device: str | torch.device = "cpu",
+        progress: bool = True,
+        arch: Architecture | None = None,
+    ) -> None:
+        self.model = model
+        self.arch = arch or discover(model)
+        self.device = torch.device(device)
+        self.storage = torch.device(storage_device)
+        self.progress = progress
+        self.block_forwards = 0  # counts block forwards over one batch (cost accounting)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.arch.num_blocks
+
+    # ------------------------------------------------------------------ capture
+    @torch.no_grad()
+    def capture(self, input_ids: torch.Tensor, batch_size: int = 1) -> Activations:
+        """Embed ``input_ids`` (N, T) and record every block's call, batch by batch.
+
+        The model runs on the CPU for this pass (only embeddings, masks and rotary
+        tables are computed: every block is replaced by a recorder).
+        """
+        blocks = self.arch.blocks
+        n = input_ids.shape[0]
+        hidden: list[torch.Tensor] = []
+        calls: list[list[BlockCall]] = []
+        current: list[BlockCall] = []
+
+        def recorder(index: int) -> Callable[..., torch.Tensor]:
+            def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+                if args:
+                    h, rest, in_kw = args[0], tuple(args[1:]), False
+                else:
+                    h, rest, in_kw = kwargs.pop("hidden_states"), (), True
+                if index == 0:
+                    hidden.append(h.detach().to(self.storage))
+                current.append(BlockCall(args=rest, kwargs=dict(kwargs), hidden_in_kwargs=in_kw))
+                if index == len(blocks) - 1:
+                    raise _StopForward
+                return h
+
+            return forward
+
+        for i, block in enumerate(blocks):
+            block.forward = recorder(i)
+        try:
+            batches = range(0, n, batch_size)
+            for start in progress_bar(batches, desc="embedding", enable=self.progress):
+                current = []
+                ids = input_ids[start : start + batch_size]
+                with contextlib.suppress(_StopForward):
+                    self.model(input_ids=ids, use_cache=False)
+                calls.append(current)
+        finally:
+            for block in blocks:
+                del block.forward
+        return Activations(hidden=hidden, calls=calls)
+
+    # ------------------------------------------------------------------ forwards
+    @contextlib.contextmanager
+    def on_device(self, index: int) -> Iterator[nn.Module]:
+        """Move block ``index`` to the compute device for the duration of the context."""
+        block = self.arch.blocks[index]
+        home = next(block.parameters()).device
+        if home != self.device:
+            block.to(self.device)
+        try:
+            yield block
+        finally:
+            if home != self.device:
+                block.to(home)
+
+    @torch.no_grad()
+    def forward_block(
+        self, index: int, hidden: torch.Tensor, call: BlockCall, block: nn.Module | None = None
+    ) -> torch.Tensor:
+        """Run block ``index`` on one batch of hidden states; returns on the storage device."""
+        block = block if block is not None else self.arch.blocks[index]
+        out = call.invoke(block, hidden.to(self.device), self.device)
+        self.block_forwards += hidden.shape[0]
+        return out.to(self.storage)
+
+    @torch.no_grad()
+    def run_block(self, index: int, acts: Activations) -> list[torch.Tensor]:
+        """Outputs of block ``index`` (already on device) for every batch of ``acts``."""
+        block = self.arch.blocks[index]
+        return [
+            self.forward_block(index, h, calls[index], block)
+            for h, calls in zip(acts.hidden, acts.calls, strict=True)
+        ]
+
+    def sequential(self, acts: Activations, desc: str = "blocks") -> Iterator[int]:
+        """Iterate over blocks in order; after the loop body, propagate ``acts`` through the block.
+
+        The body may run extra passes over the block (to collect statistics) and change
+        its weights (pruning); the hidden states given to the next block are the outputs
+        of the block as the body left it -- the standard sequential protocol.
+        """
+        for index in progress_bar(range(self.num_blocks), desc=desc, enable=self.progress):
+            with self.on_device(index):
+                yield index
+                acts.hidden = self.run_block(index, acts)
+
+
+@contextlib.contextmanager
+def collect_inputs(modules: dict[str, nn.Module], sinks: dict[str, Any]) -> Iterator[None]:
+    """Feed the input of each module to ``sinks[name].add_batch(x)`` during forwards."""
+    handles = []
+    for name, module in modules.items():
+        sink = sinks.get(name)
+        if sink is None:
+            continue
+
+        def hook(_mod: nn.Module, inputs: tuple, sink: Any = sink) -> None:
+            sink.add_batch(inputs[0].detach())
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,47 @@
+"""Tiny random causal LMs of many architectures, built from configs (no download)."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+COMMON = dict(vocab_size=128, max_position_embeddings=128)
+
+
+def _cfgs() -> dict:
+    return {
+        "llama": tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=2, **COMMON),
+        "qwen2": tf.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=2, **COMMON),
+        "mistral": tf.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                    num_attention_heads=4, num_key_value_heads=2, **COMMON),
+        "gemma3": tf.Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      sliding_window=4, sliding_window_pattern=2,
+                                      layer_types=["sliding_attention", "full_attention"] * 2,
+                                      **COMMON),
+        "gpt2": tf.GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=128, n_positions=128),
+        "opt": tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=3,
+                            num_attention_heads=4, word_embed_proj_dim=32, **COMMON),
+        "gpt_neox": tf.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                     num_attention_heads=4, **COMMON),
+        "phi": tf.PhiConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                            num_attention_heads=4, **COMMON),
+    }
+
+
+ARCHS = list(_cfgs())
+
+
+def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = _cfgs()[arch]
+    cfg.use_cache = False
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    return model.eval()
+
+
+def random_ids(n: int = 3, seqlen: int = 16, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 128, (n, seqlen), generator=g)
