@@ -45,3 +45,34 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
 def random_ids(n: int = 3, seqlen: int = 16, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 128, (n, seqlen), generator=g)
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer with < 128 ids, built offline."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {"<unk>": 0, "<eos>": 1, **{ch: i + 2 for i, ch in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>",
+                                   pad_token="<eos>")
+    return fast
+
+
+SAMPLE_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pruning removes weights from a network.\n"
+    "Layer-wise sparsity allocation gives each block its own share of the budget.\n"
+) * 40
+
+
+def save_tiny(tmp_path, arch: str = "llama", seed: int = 0):
+    """Save a tiny model + tokenizer folder and a text file; return (model_dir, text_file)."""
+    model = tiny_model(arch, seed)
+    folder = tmp_path / f"tiny-{arch}"
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text(SAMPLE_TEXT)
+    return folder, text

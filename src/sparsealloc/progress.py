@@ -21,3 +21,15 @@ def progress_bar(items: Iterable[T], desc: str, enable: bool = True, **kw) -> It
         yield from items
         return
     yield from tqdm(items, desc=desc, leave=False, dynamic_ncols=True, **kw)
+
+
+def set_quiet(quiet: bool) -> None:
+    """Silence our bars and those of transformers / huggingface_hub / datasets."""
+    if not quiet:
+        return
+    os.environ["SPARSEALLOC_NO_PROGRESS"] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()

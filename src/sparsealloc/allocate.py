@@ -1,0 +1,165 @@
+"""From an ``--allocation`` spec to one sparsity per block, using a Session's shared statistics.
+
+The pure formulas live in :mod:`sparsealloc.allocation`; this module gathers their inputs
+(OWL's outlier ratios from one dense calibration pass, AlphaPruning's spectra, absorption
+coefficients) from the Session, where each is computed once and reused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import allocation as A
+from .errors import check
+from .models.arch import in_features
+from .pruners.wanda import InputNormStats, wanda_scores
+from .runner import collect_inputs
+from .session import Session
+
+
+@dataclass
+class AllocationOptions:
+    """Hyperparameters of the allocators and of the absorption correction.
+
+    Attributes:
+        owl_m: OWL outlier threshold M (score > M * mean); paper runs at 70% use 5.
+        owl_lambda: OWL lambda (sparsities span 2*lambda).
+        alpha_eps: AlphaPruning epsilon (ratios in [1-eps, 1+eps]).
+        linear_beta: slope per block of the linear schedule (None: 0.16 / (L-1), OWL's span).
+        absorb_eta: relative noise magnitude for the absorption coefficients.
+        absorb_gamma: largest sparsity shift of the correction (a number, or "auto").
+        absorb_clip: bound on |ln r|.
+        absorb_final: where the final drift is measured: "last" (last block output),
+            "norm" (after the final norm) or "kl" (KL of the output distribution).
+        absorb_mode: "noise" (Gaussian, relative eta) or "prune" (the block pruned alone).
+        absorb_budget: budget restoration after the shift: "shift" or "rescale".
+        absorb_positions: token positions the perturbation is applied to: "all" or
+            "skip-first" (leave position 0, the massive-activation sink, unperturbed).
+        absorb_nsamples: calibration sequences used by the probe (the first ones).
+        absorb_draws: noise draws per sequence.
+    """
+
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    alpha_eps: float = 0.3
+    linear_beta: float | None = None
+    absorb_eta: float = 1e-2
+    absorb_gamma: float | str = 0.04
+    absorb_clip: float = 1.0986122886681098
+    absorb_final: str = "last"
+    absorb_mode: str = "noise"
+    absorb_budget: str = "shift"
+    absorb_positions: str = "all"
+    absorb_nsamples: int = 16
+    absorb_draws: int = 1
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Allocation:
+    """One allocation: sparsity per block and what produced it."""
+
+    spec: str
+    target_sparsity: float
+    block_sparsity: list[float]
+    scores: list[float] | None = None
+    score_name: str | None = None
+    absorption: list[float] | None = None
+    base_block_sparsity: list[float] | None = None
+    options: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- dense statistics
+def owl_input_norms(session: Session) -> list[dict[str, torch.Tensor]]:
+    """Wanda's per-column input norms of every linear on the *dense* model (one pass, cached)."""
+    if "owl_norms" in session.cache:
+        return session.cache["owl_norms"]
+    session.restore_dense()
+    acts = session.capture()
+    norms: list[dict[str, torch.Tensor]] = []
+    with session.timed("dense_stats"):
+        for index in session.runner.sequential(acts, desc="dense statistics"):
+            linears = session.arch.linears(index)
+            stats = {n: InputNormStats(in_features(m)) for n, m in linears.items()}
+            with collect_inputs(linears, stats):
+                session.runner.run_block(index, acts)
+            norms.append({n: s.scaler_row.clone() for n, s in stats.items()})
+    session.cache["owl_norms"] = norms
+    return norms
+
+
+def owl_ratios(session: Session, m: float) -> list[float]:
+    norms = owl_input_norms(session)
+    ratios = []
+    for index, block_norms in enumerate(norms):
+        weights = session.dense_weights(index)
+        scores = [wanda_scores(weights[n], block_norms[n]) for n in weights]
+        ratios.append(A.outlier_ratio(scores, m))
+    return ratios
+
+
+def alphas(session: Session) -> list[float]:
+    key = "alphas"
+    if key not in session.cache:
+        blocks = [list(session.dense_weights(i).values()) for i in range(session.arch.num_blocks)]
+        with session.timed("spectra"):
+            session.cache[key] = A.block_alphas(blocks, cache_path=session.cache_dir("spectra"))[0]
+    return session.cache[key]
+
+
+# ---------------------------------------------------------------- allocations
+def base_allocation(session: Session, spec: A.AllocationSpec, target: float,
+                    opts: AllocationOptions) -> tuple[torch.Tensor, list[float] | None, str | None]:
+    L = session.arch.num_blocks
+    w = session.params_per_block
+    if spec.base == "uniform":
+        return A.uniform_allocation(L, target), None, None
+    if spec.base == "owl":
+        ratios = owl_ratios(session, opts.owl_m)
+        return A.owl_allocation(ratios, target, opts.owl_lambda, weights=w), ratios, "outlier_ratio"
+    if spec.base == "alpha":
+        a = alphas(session)
+        return A.alpha_allocation(a, target, opts.alpha_eps, weights=w), a, "mean_alpha"
+    if spec.base == "linear":
+        beta = opts.linear_beta if opts.linear_beta is not None else 0.16 / max(L - 1, 1)
+        return A.linear_allocation(L, target, beta, weights=w), None, None
+    if spec.base == "file":
+        return A.file_allocation(spec.path, L), None, None
+    raise AssertionError(spec.base)
+
+
+def compute_allocation(session: Session, text: str, target: float,
+                       opts: AllocationOptions | None = None) -> Allocation:
+    """Compute the allocation ``text`` (e.g. ``owl``, ``alpha+absorb``, ``file:s.json``)."""
+    opts = opts or AllocationOptions()
+    spec = A.parse_allocation_spec(text)
+    with session.timed("allocation"):
+        base, scores, score_name = base_allocation(session, spec, target, opts)
+    alloc = Allocation(
+        spec=text, target_sparsity=target, block_sparsity=[float(x) for x in base],
+        scores=scores, score_name=score_name, options=_relevant_options(spec, opts),
+    )
+    if spec.absorb:
+        from .correction import apply_correction
+
+        alloc = apply_correction(session, alloc, opts)
+    check(len(alloc.block_sparsity) == session.arch.num_blocks, "allocation length mismatch")
+    return alloc
+
+
+def _relevant_options(spec: A.AllocationSpec, opts: AllocationOptions) -> dict:
+    rec = opts.record()
+    keep = {"owl": ("owl_m", "owl_lambda"), "alpha": ("alpha_eps",), "linear": ("linear_beta",)}
+    out = {k: rec[k] for k in keep.get(spec.base, ())}
+    if spec.base == "file":
+        out["path"] = str(spec.path)
+    if spec.absorb:
+        out.update({k: v for k, v in rec.items() if k.startswith("absorb_")})
+    return out

@@ -1,0 +1,120 @@
+"""A loaded model with everything computed once and reused: calibration activations,
+dense statistics (OWL), spectra (AlphaPruning), absorption coefficients, dense weights.
+
+``compare`` runs many rows off one Session; each row restores the dense weights first.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from .cache import cache_root
+from .data.corpora import Corpus, calibration_windows, eval_windows, load_corpus, tokenize
+from .evaluation.perplexity import perplexity
+from .models.arch import discover, weight_out_in
+from .models.load import load_model
+from .protocol import Protocol
+from .runner import Activations, BlockRunner
+
+
+class Session:
+    """One model under one protocol."""
+
+    def __init__(self, model: str, protocol: Protocol, progress: bool = True) -> None:
+        self.spec = model
+        self.protocol = protocol
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+        with self.timed("load"):
+            loaded = load_model(model, device="cpu")
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.source = loaded.source
+        self.arch = discover(self.model)
+        self.runner = BlockRunner(self.model, device=protocol.device, progress=progress,
+                                  arch=self.arch)
+        self._dense = {
+            (i, n): weight_out_in(m).clone()
+            for i in range(self.arch.num_blocks)
+            for n, m in self.arch.linears(i).items()
+        }
+        self._captured: Activations | None = None
+        self.data_sources: dict[str, dict] = {}
+        self.cache: dict[str, object] = {}
+
+    # ---------------------------------------------------------------- helpers
+    @contextmanager
+    def timed(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+    @property
+    def model_id(self) -> str:
+        """Stable identifier of the model for cache keys."""
+        return str(self.source.get("name") or self.source.get("path") or self.spec)
+
+    def cache_dir(self, kind: str) -> Path:
+        safe = self.model_id.replace("/", "__").replace(":", "_")
+        return cache_root() / kind / safe
+
+    @cached_property
+    def params_per_block(self) -> list[int]:
+        return self.arch.params_per_block()
+
+    def restore_dense(self) -> None:
+        """Put the dense weights back into every prunable layer."""
+        with torch.no_grad():
+            for (i, n), w in self._dense.items():
+                weight_out_in(self.arch.linears(i)[n]).copy_(w)
+
+    def dense_weights(self, index: int) -> dict[str, torch.Tensor]:
+        return {n: self._dense[(index, n)] for n in self.arch.linear_names[index]}
+
+    # ---------------------------------------------------------------- data
+    def corpus(self, name: str, split: str) -> Corpus:
+        corpus = load_corpus(name, split, self.protocol.data_dir)
+        self.data_sources[f"{name}:{split}"] = corpus.describe()
+        return corpus
+
+    @cached_property
+    def calibration_ids(self) -> torch.Tensor:
+        p = self.protocol
+        with self.timed("calibration_data"):
+            ids = tokenize(self.tokenizer, self.corpus(p.calib, "calibration"))
+            return calibration_windows(ids, p.nsamples, p.seqlen, p.seed)
+
+    def capture(self) -> Activations:
+        """Embedded calibration batches (computed once; a fresh copy per call)."""
+        if self._captured is None:
+            with self.timed("embed"):
+                self._captured = self.runner.capture(self.calibration_ids,
+                                                     self.protocol.batch_size)
+        return self._captured.clone()
+
+    def eval_ids(self, name: str, split: str = "eval") -> torch.Tensor:
+        key = f"eval_ids:{name}:{split}"
+        if key not in self.cache:
+            ids = tokenize(self.tokenizer, self.corpus(name, split))
+            self.cache[key] = eval_windows(ids, self.protocol.eval_seqlen,
+                                           self.protocol.eval_tokens)
+        return self.cache[key]
+
+    def perplexity(self, corpora: list[str]) -> dict[str, dict]:
+        out = {}
+        self.model.to(self.protocol.device)
+        try:
+            with self.timed("eval_ppl"):
+                for name in corpora:
+                    out[name] = perplexity(self.model, self.eval_ids(name), self.protocol.device,
+                                           progress=self.progress, desc=f"ppl {name}")
+        finally:
+            self.model.to("cpu")
+        return out
