@@ -1,0 +1,71 @@
+"""Absorption coefficients r_l as a library function, computed on calibration data and cached.
+
+r_l = E[R_final / R_l]: drift where the perturbation ends (see ``final``) over drift where it
+was injected. r_l > 1: block l's perturbations are amplified by the rest of the network;
+r_l < 1: absorbed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from ..io import read_json, write_json
+from ..session import Session
+from .engine import Probe, ProbeConfig
+
+
+def _logit_softcap(model) -> float | None:
+    cfg = getattr(model, "config", None)
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def run_probe(session: Session, config: ProbeConfig) -> dict:
+    """Run the probe on the session's dense model and calibration data."""
+    session.restore_dense()
+    probe = Probe(session.runner, config, lm_head=session.model.get_output_embeddings(),
+                  logit_softcap=_logit_softcap(session.model), progress=session.progress)
+    with session.timed("probe"):
+        result = probe.run(session.capture())
+    p = session.protocol
+    result["protocol"] = {"seqlen": p.seqlen, "calib": p.calib, "seed": p.seed,
+                          "sequences": min(config.nsamples, p.nsamples),
+                          "data_sources": session.data_sources}
+    return result
+
+
+def _cache_key(session: Session, config: ProbeConfig) -> str:
+    p = session.protocol
+    blob = json.dumps({"model": session.model_id, "cfg": config.record(), "seqlen": p.seqlen,
+                       "calib": p.calib, "seed": p.seed, "nsamples": p.nsamples,
+                       "batch": p.batch_size}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def absorption_coefficients(session: Session, eta: float = 1e-2, final: str = "last",
+                            mode: str = "noise", positions: str = "all", nsamples: int = 16,
+                            draws: int = 1, scale: str = "state", pruner: str = "wanda",
+                            sparsity: float = 0.7, use_cache: bool = True) -> list[float]:
+    """r_l per block for one eta (or for the pruning perturbation when ``mode="prune"``).
+
+    Cached on disk per model, configuration and protocol (``$SPARSEALLOC_CACHE/absorption``)
+    and in the session, so repeated runs and every row of ``compare`` reuse it.
+    """
+    config = ProbeConfig(etas=[eta], mode=mode, draws=draws, nsamples=nsamples,
+                         positions=positions, scale=scale, kl=(final == "kl"),
+                         pruner=pruner, sparsity=sparsity)
+    key = _cache_key(session, config)
+    if key in session.cache:
+        result = session.cache[key]
+    else:
+        path = session.cache_dir("absorption") / f"{key}.json"
+        if use_cache and path.is_file():
+            result = read_json(path)
+        else:
+            result = run_probe(session, config)
+            write_json(path, result)
+        session.cache[key] = result
+    if final not in result["absorption"]:
+        raise KeyError(f"final '{final}' not computed by this probe")
+    return list(result["absorption"][final][config.keys[0]])
