@@ -82,6 +82,7 @@ def owl_input_norms(session: Session) -> list[dict[str, torch.Tensor]]:
     if "owl_norms" in session.cache:
         return session.cache["owl_norms"]
     session.restore_dense()
+    session.counters["dense_stats_passes"] = session.counters.get("dense_stats_passes", 0) + 1
     acts = session.capture()
     norms: list[dict[str, torch.Tensor]] = []
     with session.timed("dense_stats"):
@@ -136,7 +137,8 @@ def base_allocation(session: Session, spec: A.AllocationSpec, target: float,
 
 
 def compute_allocation(session: Session, text: str, target: float,
-                       opts: AllocationOptions | None = None) -> Allocation:
+                       opts: AllocationOptions | None = None, pruner: str = "wanda",
+                       pattern: str = "unstructured") -> Allocation:
     """Compute the allocation ``text`` (e.g. ``owl``, ``alpha+absorb``, ``file:s.json``)."""
     opts = opts or AllocationOptions()
     spec = A.parse_allocation_spec(text)
@@ -149,7 +151,7 @@ def compute_allocation(session: Session, text: str, target: float,
     if spec.absorb:
         from .correction import apply_correction
 
-        alloc = apply_correction(session, alloc, opts)
+        alloc = apply_correction(session, alloc, opts, pruner, pattern)
     check(len(alloc.block_sparsity) == session.arch.num_blocks, "allocation length mismatch")
     return alloc
 

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from .errors import UserError
+from .protocol import EvalRequest
 from .progress import set_quiet
 
 app = typer.Typer(
@@ -146,7 +147,7 @@ def prune(
     quiet: Quiet = False,
 ) -> None:
     """Prune a model block by block and evaluate it."""
-    from .pipeline import EvalRequest, run_prune
+    from .pipeline import run_prune
 
     set_quiet(quiet)
     proto = _protocol(nsamples, seqlen, seed, calib, eval_seqlen, eval_tokens, data_dir, device)
@@ -176,12 +177,158 @@ def eval_(
     quiet: Quiet = False,
 ) -> None:
     """Evaluate a model (packaged name, folder such as a --save output, or hub id)."""
-    from .pipeline import EvalRequest, run_eval
+    from .pipeline import run_eval
 
     set_quiet(quiet)
     proto = _protocol(1, seqlen, 0, "c4", None, eval_tokens, data_dir, device)
     req = EvalRequest(ppl=_split(ppl), tasks=_tasks(tasks), limit=limit, batch_size=batch_size)
     _print_result(run_eval(model, proto, req, out=out, progress=not quiet))
+
+
+@app.command()
+def allocate(
+    model: Model = "smollm2-135m",
+    allocation: Annotated[str, typer.Option(help="one or more allocations, comma separated, "
+                          "e.g. uniform,owl,alpha,owl+absorb")] = "uniform,owl,alpha",
+    sparsity: Sparsity = 0.7, out: Annotated[Path, typer.Option(help="output folder")] = Path(
+        "allocation"), pruner: Pruner = "wanda",
+    nsamples: NSamples = 128, seqlen: SeqLen = 2048, seed: Seed = 0, calib: Calib = "c4",
+    data_dir: DataDir = None, device: Device = "cpu", owl_m: OwlM = 5.0,
+    owl_lambda: OwlLambda = 0.08, alpha_eps: AlphaEps = 0.3, linear_beta: LinearBeta = None,
+    absorb_eta: AbsorbEta = 1e-2, absorb_gamma: AbsorbGamma = "0.04",
+    absorb_clip: AbsorbClip = 1.0986122886681098, absorb_final: AbsorbFinal = "last",
+    absorb_mode: AbsorbMode = "noise", absorb_budget: AbsorbBudget = "shift",
+    absorb_positions: AbsorbPositions = "all", quiet: Quiet = False,
+) -> None:
+    """Compute allocations without pruning: allocation.json and allocation.png."""
+    from .allocate import compute_allocation
+    from .allocation import parse_allocation_spec
+    from .io import write_json
+    from .pipeline import base_record, prepare_run_dir
+    from .protocol import check_sparsity
+    from .report.plots import plot_allocations
+    from .session import Session
+
+    set_quiet(quiet)
+    check_sparsity(sparsity)
+    specs = _split(allocation)
+    for spec in specs:
+        parse_allocation_spec(spec)
+    opts = _options(owl_m, owl_lambda, alpha_eps, linear_beta, absorb_eta, absorb_gamma,
+                    absorb_clip, absorb_final, absorb_mode, absorb_budget, absorb_positions)
+    proto = _protocol(nsamples, seqlen, seed, calib, None, None, data_dir, device)
+    run_dir = prepare_run_dir(out)
+    (run_dir / "allocation.json").unlink(missing_ok=True)
+    session = Session(model, proto, progress=not quiet)
+    allocs = [compute_allocation(session, spec, sparsity, opts, pruner) for spec in specs]
+    first = allocs[0]
+    record = base_record(session) | {
+        "allocation": first.spec, "target_sparsity": sparsity,
+        "block_sparsity": first.block_sparsity, "scores": first.scores,
+        "score_name": first.score_name,
+        "allocations": {a.spec: a.record() for a in allocs},
+        "protocol": proto.record() | {"data_sources": session.data_sources},
+        "timings": dict(session.timings),
+    }
+    plot_allocations({a.spec: a.block_sparsity for a in allocs}, run_dir / "allocation.png",
+                     title=f"{model}, target sparsity {sparsity:g}")
+    write_json(run_dir / "allocation.json", record)
+    for a in allocs:
+        typer.echo(f"{a.spec:>16}: " + " ".join(f"{x:.3f}" for x in a.block_sparsity))
+    typer.echo(f"wrote {run_dir / 'allocation.json'} and {run_dir / 'allocation.png'}")
+
+
+@app.command()
+def probe(
+    model: Model = "smollm2-135m",
+    eta: Annotated[str, typer.Option(help="relative noise magnitudes, comma separated")] =
+    "1e-4,1e-3,1e-2,5e-2",
+    mode: Annotated[str, typer.Option(help="noise or prune")] = "noise",
+    draws: Annotated[int, typer.Option(help="noise draws per sequence")] = 1,
+    positions: AbsorbPositions = "all",
+    scale: Annotated[str, typer.Option(help="noise relative to the hidden state (state) or to "
+                     "the block's update (update)")] = "state",
+    kl: Annotated[bool, typer.Option(help="also the KL of the output distribution")] = False,
+    pruner: Pruner = "wanda", sparsity: Annotated[float, typer.Option(
+        help="prune mode: sparsity of the pruned block")] = 0.7, pattern: Pattern = "unstructured",
+    nsamples: Annotated[int, typer.Option(help="calibration sequences probed")] = 8,
+    seqlen: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
+    seed: Seed = 0, calib: Calib = "c4", data_dir: DataDir = None, device: Device = "cpu",
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("probe"), quiet: Quiet = False,
+) -> None:
+    """Perturbation probe on the dense model: drift, cosine, absorption coefficients, plots."""
+    from .io import write_json
+    from .pipeline import base_record, prepare_run_dir
+    from .probe import ProbeConfig, run_probe
+    from .protocol import check_sparsity
+    from .report.plots import plot_probe
+    from .session import Session
+
+    set_quiet(quiet)
+    check_sparsity(sparsity)
+    try:
+        etas = [float(e) for e in _split(eta)]
+    except ValueError:
+        raise UserError(f"--eta must be numbers separated by commas, e.g. 1e-4,1e-2 (got {eta!r})")
+    cfg = ProbeConfig(etas=etas, mode=mode, draws=draws, nsamples=nsamples, positions=positions,
+                      scale=scale, kl=kl, seed=seed, pruner=pruner, sparsity=sparsity,
+                      pattern=pattern)
+    proto = _protocol(nsamples, seqlen, seed, calib, None, None, data_dir, device)
+    run_dir = prepare_run_dir(out)
+    (run_dir / "probe.json").unlink(missing_ok=True)
+    session = Session(model, proto, progress=not quiet)
+    result = run_probe(session, cfg)
+    record = base_record(session) | result | {"eta": etas if mode == "noise" else [],
+                                              "timings": dict(session.timings)}
+    plot_probe(record, run_dir, model=model)
+    write_json(run_dir / "probe.json", record)
+    last = result["absorption"]["last"]
+    for key in result["keys"]:
+        typer.echo(f"r_l at {key:>8}: " + " ".join(f"{x:.2f}" for x in last[key]))
+    c = result["cost"]
+    typer.echo(f"cost: {c['block_forwards_sequences']} sequence-block forwards, "
+               f"{c['seconds']:.1f} s, {c['ratio_to_default_calibration_pass']:.2f}x one default "
+               f"calibration pass; wrote {run_dir / 'probe.json'}")
+
+
+@app.command()
+def compare(
+    model: Model = "smollm2-135m",
+    sparsity: Annotated[str, typer.Option(help="target sparsities, comma separated")] = "0.7",
+    pruner: Annotated[str, typer.Option(help="pruners, comma separated")] = "wanda",
+    allocations: Annotated[str, typer.Option(help="rows, comma separated")] =
+    "uniform,owl,owl+absorb,alpha,alpha+absorb",
+    pattern: Pattern = "unstructured", out: Annotated[Path, typer.Option(
+        help="output folder")] = Path("compare"),
+    ppl: Ppl = "wikitext2", tasks: Tasks = "", limit: Limit = None, batch_size: EvalBatch = 8,
+    nsamples: NSamples = 128, seqlen: SeqLen = 2048, seed: Seed = 0, calib: Calib = "c4",
+    eval_seqlen: EvalSeqLen = None, eval_tokens: EvalTokens = None, data_dir: DataDir = None,
+    device: Device = "cpu", owl_m: OwlM = 5.0, owl_lambda: OwlLambda = 0.08,
+    alpha_eps: AlphaEps = 0.3, linear_beta: LinearBeta = None, absorb_eta: AbsorbEta = 1e-2,
+    absorb_gamma: AbsorbGamma = "0.04", absorb_clip: AbsorbClip = 1.0986122886681098,
+    absorb_final: AbsorbFinal = "last", absorb_mode: AbsorbMode = "noise",
+    absorb_budget: AbsorbBudget = "shift", absorb_positions: AbsorbPositions = "all",
+    quiet: Quiet = False,
+) -> None:
+    """The comparison table: every allocation (x sparsity x pruner) from one shared dense pass."""
+    from .compare import run_compare
+
+    set_quiet(quiet)
+    try:
+        sparsities = [float(s) for s in _split(sparsity)]
+    except ValueError:
+        raise UserError(f"--sparsity must be numbers separated by commas (got {sparsity!r})")
+    proto = _protocol(nsamples, seqlen, seed, calib, eval_seqlen, eval_tokens, data_dir, device)
+    opts = _options(owl_m, owl_lambda, alpha_eps, linear_beta, absorb_eta, absorb_gamma,
+                    absorb_clip, absorb_final, absorb_mode, absorb_budget, absorb_positions)
+    req = EvalRequest(ppl=_split(ppl), tasks=_tasks(tasks), limit=limit, batch_size=batch_size)
+    record = run_compare(model, proto, sparsities=sparsities, pruners=_split(pruner),
+                         allocations=_split(allocations), pattern=pattern, options=opts,
+                         request=req, out=out, progress=not quiet)
+    from .compare import render_markdown
+
+    typer.echo(render_markdown(record))
+    typer.echo(f"wrote {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}")
 
 
 def main() -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import resource
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
@@ -14,6 +13,7 @@ from .allocation import parse_allocation_spec
 from .io import write_json
 from .pruners import get_pruner
 from .pruners.masks import parse_pattern
+from .protocol import EvalRequest
 from .pruning import check_patterns, measured_sparsity, prune_sequential
 from .session import Session
 
@@ -21,16 +21,6 @@ from .session import Session
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-@dataclass
-class EvalRequest:
-    """What to evaluate after pruning (or on a model as it is)."""
-
-    ppl: list[str] = field(default_factory=lambda: ["wikitext2"])
-    tasks: list[str] = field(default_factory=list)
-    limit: int | None = None
-    batch_size: int = 8
 
 
 def prepare_run_dir(out: str | Path | None) -> Path | None:
@@ -117,7 +107,7 @@ def run_prune(
     parse_allocation_spec(allocation)
     run_dir = prepare_run_dir(out)
     session = session or Session(model, protocol, progress=progress)
-    alloc = compute_allocation(session, allocation, sparsity, options)
+    alloc = compute_allocation(session, allocation, sparsity, options, pruner, pattern)
     record = base_record(session)
     record.update(prune_with(session, pruner, pattern, alloc))
     record.update(evaluate(session, request or EvalRequest()))

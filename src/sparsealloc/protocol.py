@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from .errors import check
 
@@ -52,3 +52,13 @@ class Protocol:
 def check_sparsity(value: float, what: str = "--sparsity") -> float:
     check(0.0 <= value < 1.0, f"{what} must be in [0, 1) (got {value}); e.g. {what} 0.7")
     return value
+
+
+@dataclass
+class EvalRequest:
+    """What to evaluate: perplexity corpora and zero-shot tasks (lm-eval)."""
+
+    ppl: list[str] = field(default_factory=lambda: ["wikitext2"])
+    tasks: list[str] = field(default_factory=list)
+    limit: int | None = None
+    batch_size: int = 8

@@ -46,6 +46,7 @@ class Session:
         self._captured: Activations | None = None
         self.data_sources: dict[str, dict] = {}
         self.cache: dict[str, object] = {}
+        self.counters: dict[str, int] = {}
 
     # ---------------------------------------------------------------- helpers
     @contextmanager

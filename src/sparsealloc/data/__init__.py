@@ -1,0 +1,1 @@
+"""Data sources: text corpora and zero-shot task data."""

@@ -1,0 +1,265 @@
+"""Load a causal LM from a packaged short name, a local folder, or a Hugging Face id.
+
+Every model comes back in eval mode, with ``use_cache`` off and one attention
+implementation (:data:`ATTN_IMPLEMENTATION`) for all architectures, so that results are
+deterministic on CPU. :func:`save_model` writes a plain transformers folder (safetensors;
+pruned weights are dense tensors holding zeros), atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+
+from ..errors import UserError
+from ..io import write_json
+from .packaged import (
+    SOURCE_FILE,
+    fetch_packaged,
+    load_gguf,
+    packaged_names,
+    read_source,
+    rebuild_clean,
+    resolve_packaged,
+)
+
+# "sdpa" matches "eager" to float rounding on all three packaged models, is deterministic
+# on CPU (bit-identical logits run to run) and is faster on long windows.
+ATTN_IMPLEMENTATION = "sdpa"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for calibration / evaluation, its tokenizer and where it came from."""
+
+    model: Any
+    tokenizer: Any
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """A short label: the packaged name, folder name or hub id."""
+        return str(self.source.get("name") or self.source.get("spec", "model"))
+
+
+def unknown_model_message(spec: str) -> str:
+    names = ", ".join(packaged_names())
+    return (
+        f"unknown model '{spec}': use one of {names}, a local folder, "
+        "or a Hugging Face id (needs hub access)"
+    )
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise UserError(f"unknown dtype '{dtype}': use float32, bfloat16 or float16")
+    return _DTYPES[key]
+
+
+def load_model(
+    spec: str, *, dtype: torch.dtype | str = torch.float32, device: str = "cpu"
+) -> LoadedModel:
+    """Load ``spec``: a packaged short name, a local folder / .gguf file, or a hub id."""
+    spec = str(spec).strip()
+    dtype = as_dtype(dtype)
+    start = time.perf_counter()
+    if resolve_packaged(spec) is not None:
+        loaded = _load_packaged(spec, dtype)
+    elif _looks_local(spec):
+        loaded = _load_local(Path(spec).expanduser(), dtype)
+    elif _HUB_ID.match(spec):
+        loaded = _load_hub(spec, dtype)
+    else:
+        raise UserError(unknown_model_message(spec))
+    loaded.source["spec"] = spec
+    loaded.source["load_seconds"] = round(time.perf_counter() - start, 3)
+    return _finish(loaded, dtype, device)
+
+
+# ----------------------------------------------------------------------------- kinds
+
+
+def _load_packaged(spec: str, dtype: torch.dtype) -> LoadedModel:
+    entry = resolve_packaged(spec)
+    assert entry is not None
+    path = fetch_packaged(entry.name)
+    model, tokenizer = _from_pretrained(str(path), dtype)
+    info = read_source(path)
+    source = {
+        "name": entry.name,
+        "kind": "packaged",
+        "path": str(path),
+        "licence": entry.licence,
+        "note": info.get("note", ""),
+    }
+    return LoadedModel(model, tokenizer, source)
+
+
+def _looks_local(spec: str) -> bool:
+    """A path that exists, or one that cannot be a hub id (absolute, ./, ~, .gguf, ...)."""
+    if Path(spec).expanduser().exists():
+        return True
+    prefixes = ("/", "./", "../", "~", ".")
+    return spec.startswith(prefixes) or spec.endswith(("/", ".gguf")) or spec.count("/") > 1
+
+
+def _load_local(path: Path, dtype: torch.dtype) -> LoadedModel:
+    if not path.exists():
+        raise UserError(f"no such folder or file: {path}")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UserError(f"{path} is a file: give a model folder (with config.json) or a .gguf")
+        return _load_local_gguf(path, dtype)
+    if (path / "config.json").is_file():
+        model, tokenizer = _from_pretrained(str(path), dtype)
+        source = {"name": path.name, "kind": "local", "path": str(path.resolve())}
+        parent = read_source(path)
+        if parent:
+            source["origin"] = parent
+        return LoadedModel(model, tokenizer, source)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return _load_local_gguf(ggufs[0], dtype)
+    if len(ggufs) > 1:
+        names = ", ".join(p.name for p in ggufs)
+        raise UserError(f"{path} holds several .gguf files ({names}): give one file")
+    raise UserError(f"{path} has no config.json and no .gguf file: not a model folder")
+
+
+def _load_local_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
+    gguf_model, tokenizer = load_gguf(path)
+    model = rebuild_clean(gguf_model)
+    del gguf_model
+    model.config._attn_implementation = ATTN_IMPLEMENTATION
+    model = model.to(dtype)
+    source = {"name": path.stem, "kind": "local", "path": str(path.resolve()), "format": "gguf"}
+    return LoadedModel(model, tokenizer, source)
+
+
+def _load_hub(spec: str, dtype: torch.dtype) -> LoadedModel:
+    try:  # already in the local Hugging Face cache: no network needed
+        model, tokenizer = _from_pretrained(spec, dtype, local_files_only=True)
+    except (OSError, ValueError) as cached_exc:
+        if not hub_reachable():
+            raise UserError(unknown_model_message(spec)) from cached_exc
+        try:
+            model, tokenizer = _from_pretrained(spec, dtype)
+        except (OSError, ValueError) as exc:
+            raise UserError(unknown_model_message(spec)) from exc
+    return LoadedModel(model, tokenizer, {"name": spec, "kind": "hub", "path": spec})
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint answers a TCP connect (fails fast when offline)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = url.hostname or "huggingface.co"
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _from_pretrained(name: str, dtype: torch.dtype, **kwargs: Any) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        name, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, **kwargs
+    )
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    return model, tokenizer
+
+
+def _finish(loaded: LoadedModel, dtype: torch.dtype, device: str) -> LoadedModel:
+    model, tokenizer = loaded.model, loaded.tokenizer
+    model.eval()
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    if device != "cpu":
+        model.to(device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    loaded.source.update(
+        {
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": device,
+            "class": type(model).__name__,
+            "attn_implementation": model.config._attn_implementation,
+        }
+    )
+    return loaded
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def save_model(
+    model: Any, tokenizer: Any, out_dir: str | Path, *, source: dict[str, Any] | None = None
+) -> Path:
+    """Write a transformers folder (safetensors + tokenizer) atomically.
+
+    The folder is built next to ``out_dir`` and renamed into place; an existing
+    ``out_dir`` is replaced only once the new one is complete.
+    """
+    out = Path(out_dir).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        _save_into(model, tokenizer, tmp, source)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _save_into(model: Any, tokenizer: Any, folder: Path, source: dict[str, Any] | None) -> None:
+    use_cache = model.config.use_cache
+    model.config.use_cache = True  # the saved folder is for generation / serving
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+    finally:
+        model.config.use_cache = use_cache
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if source is not None:
+        write_json(folder / SOURCE_FILE, source)
+    folder.chmod(0o755)
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    if not out.exists():
+        os.replace(new, out)
+        return
+    if not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder")
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.replace(out, old / "previous")
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,133 @@
+"""Matplotlib figures for allocations, probes and comparisons (written atomically as PNG)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ..io import atomic_write  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> Path:
+    out = atomic_write(path, lambda p: fig.savefig(p, dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+    return out
+
+
+def plot_allocations(allocs: dict[str, list[float]], path: str | Path, title: str = "") -> Path:
+    """Sparsity per block, one line per allocation."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name, values in allocs.items():
+        ax.plot(range(len(values)), values, marker="o", ms=3, label=name)
+    ax.set_xlabel("block")
+    ax.set_ylabel("sparsity")
+    ax.set_title(title or "sparsity per block")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def _mat(rows: list[list[float | None]]) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
+
+
+def plot_probe(result: dict, folder: str | Path, model: str = "") -> list[Path]:
+    """The four probe figures: drift curves, drift heatmap, r_l per block, r_l versus eta."""
+    folder = Path(folder)
+    keys = result["keys"]
+    L = result["num_blocks"]
+    outs = []
+    key = keys[len(keys) // 2] if len(keys) > 2 else keys[-1]
+    drift = _mat(result["drift"][key])
+    # 1. drift vs depth for each injection block
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    cmap = plt.get_cmap("viridis")
+    for l in range(L):
+        ax.plot(range(l, L), drift[l, l:], color=cmap(l / max(L - 1, 1)), lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("block k")
+    ax.set_ylabel("relative drift R[l][k]")
+    ax.set_title(f"{model} drift after injection at block l (colour), {key}")
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, L - 1))
+    fig.colorbar(sm, ax=ax, label="injection block l")
+    outs.append(_save(fig, folder / "drift_curves.png"))
+    # 2. heatmap
+    fig, ax = plt.subplots(figsize=(6, 5))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        im = ax.imshow(np.log10(drift), origin="lower", cmap="magma", aspect="auto")
+    ax.set_xlabel("block k")
+    ax.set_ylabel("injection block l")
+    ax.set_title(f"{model} log10 drift, {key}")
+    fig.colorbar(im, ax=ax)
+    outs.append(_save(fig, folder / "drift_heatmap.png"))
+    # 3. r_l vs block for each eta
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for final, by_key in result["absorption"].items():
+        style = {"last": "-", "norm": "--", "kl": ":"}.get(final, "-")
+        for k in keys:
+            ax.plot(range(L), by_key[k], style, marker="o", ms=3, label=f"{k} ({final})")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("block l")
+    ax.set_ylabel("absorption coefficient r_l")
+    ax.set_title(f"{model} r_l > 1 amplifies, < 1 absorbs")
+    ax.legend(fontsize=7, ncol=2)
+    outs.append(_save(fig, folder / "absorption.png"))
+    # 4. r_l vs eta for a few blocks
+    etas = [float(k) for k in keys if _is_number(k)]
+    if len(etas) > 1:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        last = result["absorption"]["last"]
+        for l in sorted({0, 1, L // 4, L // 2, (3 * L) // 4, L - 2}):
+            if 0 <= l < L:
+                ax.plot(etas, [last[k][l] for k in keys if _is_number(k)], marker="o",
+                        label=f"block {l}")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("eta (relative perturbation)")
+        ax.set_ylabel("r_l")
+        ax.set_title(f"{model} amplification-to-absorption transition")
+        ax.legend(fontsize=8)
+        outs.append(_save(fig, folder / "absorption_vs_eta.png"))
+    return outs
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def plot_compare(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """Perplexity bars (log scale) and the allocations per block, side by side."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    labels = [r["label"] for r in rows]
+    ppl = [r.get("ppl_main") or np.nan for r in rows]
+    a1.bar(range(len(rows)), ppl, color="tab:blue")
+    a1.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+    a1.set_yscale("log")
+    a1.set_ylabel("perplexity")
+    for i, v in enumerate(ppl):
+        if np.isfinite(v):
+            a1.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+    seen = set()
+    for r in rows:
+        name = r["allocation"]
+        if name in seen:
+            continue
+        seen.add(name)
+        a2.plot(r["block_sparsity"], marker="o", ms=3, label=name)
+    a2.set_xlabel("block")
+    a2.set_ylabel("sparsity")
+    a2.legend(fontsize=8)
+    a2.grid(alpha=0.3)
+    fig.suptitle(title)
+    return _save(fig, path)
