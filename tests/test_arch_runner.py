@@ -1,7 +1,7 @@
 import pytest
 import torch
-from torch import nn
 from tiny_models import ARCHS, random_ids, tiny_model
+from torch import nn
 
 from sparsealloc.errors import UserError
 from sparsealloc.models.arch import discover, is_linear

@@ -2,8 +2,8 @@ import math
 
 import pytest
 import torch
-from torch import nn
 from tiny_models import random_ids, tiny_model
+from torch import nn
 
 from sparsealloc.probe.engine import Probe, ProbeConfig
 from sparsealloc.runner import BlockRunner

@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 
 from .errors import UserError
-from .protocol import EvalRequest
 from .progress import set_quiet
+from .protocol import EvalRequest
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

@@ -11,9 +11,9 @@ from . import __version__
 from .allocate import Allocation, AllocationOptions, compute_allocation
 from .allocation import parse_allocation_spec
 from .io import write_json
+from .protocol import EvalRequest
 from .pruners import get_pruner
 from .pruners.masks import parse_pattern
-from .protocol import EvalRequest
 from .pruning import check_patterns, measured_sparsity, prune_sequential
 from .session import Session
 

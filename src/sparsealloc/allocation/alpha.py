@@ -67,7 +67,7 @@ WINDOW_MODES = ("reference", "literal")
 ESD_METHODS = ("svd", "gram")
 EVALS_THRESH = 1e-5
 DEFAULT_EPS = 0.3
-_CHUNK_ELEMS = 1 << 24
+_CHUNK_ELEMS = 1 << 22
 
 
 def esd_eigenvalues(W: Tensor, dtype: torch.dtype = torch.float32, method: str = "svd") -> Tensor:

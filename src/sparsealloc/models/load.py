@@ -153,10 +153,17 @@ def _load_local_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
     gguf_model, tokenizer = load_gguf(path)
     model = rebuild_clean(gguf_model)
     del gguf_model
-    model.config._attn_implementation = ATTN_IMPLEMENTATION
+    _set_attn(model)
     model = model.to(dtype)
     source = {"name": path.stem, "kind": "local", "path": str(path.resolve()), "format": "gguf"}
     return LoadedModel(model, tokenizer, source)
+
+
+def _set_attn(model: Any) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    else:  # older transformers
+        model.config._attn_implementation = ATTN_IMPLEMENTATION
 
 
 def _load_hub(spec: str, dtype: torch.dtype) -> LoadedModel:

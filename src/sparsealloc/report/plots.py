@@ -121,7 +121,7 @@ def plot_compare(rows: list[dict], path: str | Path, title: str = "") -> Path:
     seen = set()
     for r in rows:
         name = r["allocation"]
-        if name in seen:
+        if name in seen or not r.get("block_sparsity"):
             continue
         seen.add(name)
         a2.plot(r["block_sparsity"], marker="o", ms=3, label=name)
