@@ -76,7 +76,9 @@ def _options(owl_m, owl_lambda, alpha_eps, linear_beta, absorb_eta, absorb_gamma
         try:
             gamma = float(absorb_gamma)
         except ValueError:
-            raise UserError(f"--absorb-gamma must be a number or 'auto' (got {absorb_gamma!r})")
+            raise UserError(
+                f"--absorb-gamma must be a number or 'auto' (got {absorb_gamma!r})"
+            ) from None
     for name, value, allowed in (("--absorb-final", absorb_final, ("last", "norm", "kl")),
                                  ("--absorb-mode", absorb_mode, ("noise", "prune")),
                                  ("--absorb-budget", absorb_budget, ("shift", "rescale")),

