@@ -271,7 +271,9 @@ def probe(
     try:
         etas = [float(e) for e in _split(eta)]
     except ValueError:
-        raise UserError(f"--eta must be numbers separated by commas, e.g. 1e-4,1e-2 (got {eta!r})")
+        raise UserError(
+            f"--eta must be numbers separated by commas, e.g. 1e-4,1e-2 (got {eta!r})"
+        ) from None
     cfg = ProbeConfig(etas=etas, mode=mode, draws=draws, nsamples=nsamples, positions=positions,
                       scale=scale, kl=kl, seed=seed, pruner=pruner, sparsity=sparsity,
                       pattern=pattern)
@@ -319,7 +321,9 @@ def compare(
     try:
         sparsities = [float(s) for s in _split(sparsity)]
     except ValueError:
-        raise UserError(f"--sparsity must be numbers separated by commas (got {sparsity!r})")
+        raise UserError(
+            f"--sparsity must be numbers separated by commas (got {sparsity!r})"
+        ) from None
     proto = _protocol(nsamples, seqlen, seed, calib, eval_seqlen, eval_tokens, data_dir, device)
     opts = _options(owl_m, owl_lambda, alpha_eps, linear_beta, absorb_eta, absorb_gamma,
                     absorb_clip, absorb_final, absorb_mode, absorb_budget, absorb_positions)

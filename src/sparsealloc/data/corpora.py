@@ -181,5 +181,7 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None = None) 
     if max_tokens is not None:
         n = min(n, max(1, max_tokens // seqlen))
     if n == 0:
-        raise UserError(f"the evaluation text has {ids.numel()} tokens, fewer than --seqlen {seqlen}")
+        raise UserError(
+            f"the evaluation text has {ids.numel()} tokens, fewer than --seqlen {seqlen}"
+        )
     return ids[: n * seqlen].view(n, seqlen)

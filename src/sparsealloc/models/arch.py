@@ -130,7 +130,9 @@ def discover(model: nn.Module) -> Architecture:
     owner = model.get_submodule(owner_path) if owner_path else model
     names = [[n for n, m in block.named_modules() if n and is_linear(m)] for block in blocks]
     if not all(names):
-        raise UserError(f"unsupported architecture {type(model).__name__}: a block has no linear layer")
+        raise UserError(
+            f"unsupported architecture {type(model).__name__}: a block has no linear layer"
+        )
     return Architecture(
         blocks_owner=owner,
         blocks_attr=path,

@@ -215,7 +215,8 @@ class Probe:
         prev = hidden
         for k in progress_bar(range(L), desc=f"probe ({cfg.mode})", enable=self.progress):
             with runner.on_device(k) as block:
-                clean = [runner.forward_block(k, h, c[k], block) for h, c in zip(prev, calls)]
+                clean = [runner.forward_block(k, h, c[k], block)
+                         for h, c in zip(prev, calls, strict=True)]
                 self._forward_streams(k, streams, [c[k] for c in calls])
                 new = self._inject(k, clean, prev, calls)
             streams.extend(new)
