@@ -30,8 +30,8 @@ dev: $(VENV)/.installed-dev
 demo: install
 	SPARSEALLOC_DATA=$(DATA) $(BIN)/sparsealloc compare --model smollm2-135m --sparsity 0.6 \
 		--pruner wanda --allocations uniform,owl,owl+absorb,alpha,alpha+absorb \
-		--nsamples 32 --seqlen 512 --eval-seqlen 1024 --eval-tokens 32768 \
-		--absorb-nsamples 8 --out runs/demo
+		--nsamples 16 --seqlen 512 --eval-seqlen 1024 --eval-tokens 16384 \
+		--absorb-nsamples 4 --out runs/demo
 
 test: dev
 	SPARSEALLOC_DATA=$(DATA) $(BIN)/python -m pytest -q

@@ -53,6 +53,9 @@ AbsorbFinal = Annotated[str, typer.Option(help="final drift: last, norm or kl")]
 AbsorbMode = Annotated[str, typer.Option(help="noise or prune")]
 AbsorbBudget = Annotated[str, typer.Option(help="budget restoration: shift or rescale")]
 AbsorbPositions = Annotated[str, typer.Option(help="perturbed positions: all or skip-first")]
+AbsorbNSamples = Annotated[int, typer.Option(help="calibration sequences the absorption probe "
+                           "uses (the first ones)")]
+AbsorbDraws = Annotated[int, typer.Option(help="noise draws per sequence for the probe")]
 
 
 def _split(text: str) -> list[str]:
@@ -68,7 +71,8 @@ def _protocol(nsamples, seqlen, seed, calib, eval_seqlen, eval_tokens, data_dir,
 
 
 def _options(owl_m, owl_lambda, alpha_eps, linear_beta, absorb_eta, absorb_gamma, absorb_clip,
-             absorb_final, absorb_mode, absorb_budget, absorb_positions):
+             absorb_final, absorb_mode, absorb_budget, absorb_positions, absorb_nsamples=16,
+             absorb_draws=1):
     from .allocate import AllocationOptions
 
     gamma: float | str = absorb_gamma
@@ -89,7 +93,8 @@ def _options(owl_m, owl_lambda, alpha_eps, linear_beta, absorb_eta, absorb_gamma
                              linear_beta=linear_beta, absorb_eta=absorb_eta, absorb_gamma=gamma,
                              absorb_clip=absorb_clip, absorb_final=absorb_final,
                              absorb_mode=absorb_mode, absorb_budget=absorb_budget,
-                             absorb_positions=absorb_positions)
+                             absorb_positions=absorb_positions, absorb_nsamples=absorb_nsamples,
+                             absorb_draws=absorb_draws)
 
 
 def _print_result(record: dict) -> None:
@@ -146,6 +151,8 @@ def prune(
     absorb_gamma: AbsorbGamma = "0.04", absorb_clip: AbsorbClip = 1.0986122886681098,
     absorb_final: AbsorbFinal = "last", absorb_mode: AbsorbMode = "noise",
     absorb_budget: AbsorbBudget = "shift", absorb_positions: AbsorbPositions = "all",
+    absorb_nsamples: AbsorbNSamples = 16,
+    absorb_draws: AbsorbDraws = 1,
     quiet: Quiet = False,
 ) -> None:
     """Prune a model block by block and evaluate it."""
@@ -154,7 +161,8 @@ def prune(
     set_quiet(quiet)
     proto = _protocol(nsamples, seqlen, seed, calib, eval_seqlen, eval_tokens, data_dir, device)
     opts = _options(owl_m, owl_lambda, alpha_eps, linear_beta, absorb_eta, absorb_gamma,
-                    absorb_clip, absorb_final, absorb_mode, absorb_budget, absorb_positions)
+                    absorb_clip, absorb_final, absorb_mode, absorb_budget, absorb_positions,
+                    absorb_nsamples, absorb_draws)
     req = EvalRequest(ppl=_split(ppl), tasks=_tasks(tasks), limit=limit, batch_size=batch_size)
     record = run_prune(model, proto, pruner=pruner, sparsity=sparsity, pattern=pattern,
                        allocation=allocation, options=opts, request=req, save=save, out=out,
@@ -200,7 +208,9 @@ def allocate(
     absorb_eta: AbsorbEta = 1e-2, absorb_gamma: AbsorbGamma = "0.04",
     absorb_clip: AbsorbClip = 1.0986122886681098, absorb_final: AbsorbFinal = "last",
     absorb_mode: AbsorbMode = "noise", absorb_budget: AbsorbBudget = "shift",
-    absorb_positions: AbsorbPositions = "all", quiet: Quiet = False,
+    absorb_positions: AbsorbPositions = "all",
+    absorb_nsamples: AbsorbNSamples = 16,
+    absorb_draws: AbsorbDraws = 1, quiet: Quiet = False,
 ) -> None:
     """Compute allocations without pruning: allocation.json and allocation.png."""
     from .allocate import compute_allocation
@@ -217,7 +227,8 @@ def allocate(
     for spec in specs:
         parse_allocation_spec(spec)
     opts = _options(owl_m, owl_lambda, alpha_eps, linear_beta, absorb_eta, absorb_gamma,
-                    absorb_clip, absorb_final, absorb_mode, absorb_budget, absorb_positions)
+                    absorb_clip, absorb_final, absorb_mode, absorb_budget, absorb_positions,
+                    absorb_nsamples, absorb_draws)
     proto = _protocol(nsamples, seqlen, seed, calib, None, None, data_dir, device)
     run_dir = prepare_run_dir(out)
     (run_dir / "allocation.json").unlink(missing_ok=True)
@@ -312,6 +323,8 @@ def compare(
     absorb_gamma: AbsorbGamma = "0.04", absorb_clip: AbsorbClip = 1.0986122886681098,
     absorb_final: AbsorbFinal = "last", absorb_mode: AbsorbMode = "noise",
     absorb_budget: AbsorbBudget = "shift", absorb_positions: AbsorbPositions = "all",
+    absorb_nsamples: AbsorbNSamples = 16,
+    absorb_draws: AbsorbDraws = 1,
     quiet: Quiet = False,
 ) -> None:
     """The comparison table: every allocation (x sparsity x pruner) from one shared dense pass."""
@@ -326,7 +339,8 @@ def compare(
         ) from None
     proto = _protocol(nsamples, seqlen, seed, calib, eval_seqlen, eval_tokens, data_dir, device)
     opts = _options(owl_m, owl_lambda, alpha_eps, linear_beta, absorb_eta, absorb_gamma,
-                    absorb_clip, absorb_final, absorb_mode, absorb_budget, absorb_positions)
+                    absorb_clip, absorb_final, absorb_mode, absorb_budget, absorb_positions,
+                    absorb_nsamples, absorb_draws)
     req = EvalRequest(ppl=_split(ppl), tasks=_tasks(tasks), limit=limit, batch_size=batch_size)
     record = run_compare(model, proto, sparsities=sparsities, pruners=_split(pruner),
                          allocations=_split(allocations), pattern=pattern, options=opts,
