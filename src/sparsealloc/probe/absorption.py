@@ -52,8 +52,9 @@ def absorption_coefficients(session: Session, eta: float = 1e-2, final: str = "l
     Cached on disk per model, configuration and protocol (``$SPARSEALLOC_CACHE/absorption``)
     and in the session, so repeated runs and every row of ``compare`` reuse it.
     """
+    # every final (last, norm, kl) comes from one probe, so switching --absorb-final is free
     config = ProbeConfig(etas=[eta], mode=mode, draws=draws, nsamples=nsamples,
-                         positions=positions, scale=scale, kl=(final == "kl"),
+                         positions=positions, scale=scale, kl=True,
                          pruner=pruner, sparsity=sparsity)
     key = _cache_key(session, config)
     if key in session.cache:
