@@ -262,6 +262,8 @@ def probe(
     scale: Annotated[str, typer.Option(help="noise relative to the hidden state (state) or to "
                      "the block's update (update)")] = "state",
     kl: Annotated[bool, typer.Option(help="also the KL of the output distribution")] = False,
+    kl_stride: Annotated[int, typer.Option(help="KL on every N-th token (the LM head is "
+                         "costly)")] = 8,
     pruner: Pruner = "wanda", sparsity: Annotated[float, typer.Option(
         help="prune mode: sparsity of the pruned block")] = 0.7, pattern: Pattern = "unstructured",
     nsamples: Annotated[int, typer.Option(help="calibration sequences probed")] = 8,
@@ -286,7 +288,7 @@ def probe(
             f"--eta must be numbers separated by commas, e.g. 1e-4,1e-2 (got {eta!r})"
         ) from None
     cfg = ProbeConfig(etas=etas, mode=mode, draws=draws, nsamples=nsamples, positions=positions,
-                      scale=scale, kl=kl, seed=seed, pruner=pruner, sparsity=sparsity,
+                      scale=scale, kl=kl, kl_stride=kl_stride, seed=seed, pruner=pruner, sparsity=sparsity,
                       pattern=pattern)
     proto = _protocol(nsamples, seqlen, seed, calib, None, None, data_dir, device)
     run_dir = prepare_run_dir(out)
