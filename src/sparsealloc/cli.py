@@ -288,8 +288,8 @@ def probe(
             f"--eta must be numbers separated by commas, e.g. 1e-4,1e-2 (got {eta!r})"
         ) from None
     cfg = ProbeConfig(etas=etas, mode=mode, draws=draws, nsamples=nsamples, positions=positions,
-                      scale=scale, kl=kl, kl_stride=kl_stride, seed=seed, pruner=pruner, sparsity=sparsity,
-                      pattern=pattern)
+                      scale=scale, kl=kl, kl_stride=kl_stride, seed=seed, pruner=pruner,
+                      sparsity=sparsity, pattern=pattern)
     proto = _protocol(nsamples, seqlen, seed, calib, None, None, data_dir, device)
     run_dir = prepare_run_dir(out)
     (run_dir / "probe.json").unlink(missing_ok=True)
