@@ -97,3 +97,17 @@ def test_save_reloads_to_same_perplexity(tmp_path):
     ev = json.loads((tmp_path / "ev" / "result.json").read_text())
     assert ev["ppl"][str(text)] == pytest.approx(rec["ppl"][str(text)], rel=1e-5)
     assert ev["measured_sparsity"] == pytest.approx(rec["measured_sparsity"], abs=1e-6)
+
+
+def test_models_lists_packaged_names():
+    res = runner.invoke(app, ["models"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    for name in ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"):
+        assert name in res.output
+
+
+def test_unknown_task_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    folder, text = save_tiny(tmp_path)
+    code, err = _main(monkeypatch, capsys, "eval", "--model", str(folder), "--ppl", "",
+                      "--tasks", "boolq,nope", "--quiet")
+    assert code == 2 and "nope" in err and "boolq" in err
