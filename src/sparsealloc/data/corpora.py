@@ -17,14 +17,12 @@ Named corpora:
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from ..cache import cache_root, extract_member, pip_download
+from ..cache import cache_root, extract_member, hub_reachable, pip_download
 from ..errors import UserError
 
 EXLLAMA_WHEEL = ("exllamav3", "1.6.5")
@@ -44,18 +42,6 @@ class Corpus:
     def describe(self) -> dict:
         return {"name": self.name, "source": self.source, "split": self.split,
                 "chars": len(self.text)}
-
-
-@lru_cache(maxsize=1)
-def hub_reachable() -> bool:
-    """True when the Hugging Face hub answers (never in this project's CI)."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("SPARSEALLOC_OFFLINE") == "1":
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=2).close()
-        return True
-    except OSError:
-        return False
 
 
 def _data_dirs(data_dir: str | Path | None) -> list[Path]:

@@ -11,16 +11,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 
+from ..cache import hub_reachable
 from ..errors import UserError
 from ..io import write_json
 from .packaged import (
@@ -177,20 +176,6 @@ def _load_hub(spec: str, dtype: torch.dtype) -> LoadedModel:
         except (OSError, ValueError) as exc:
             raise UserError(unknown_model_message(spec)) from exc
     return LoadedModel(model, tokenizer, {"name": spec, "kind": "hub", "path": spec})
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face endpoint answers a TCP connect (fails fast when offline)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host = url.hostname or "huggingface.co"
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _from_pretrained(name: str, dtype: torch.dtype, **kwargs: Any) -> tuple[Any, Any]:
