@@ -33,7 +33,10 @@ class AllocationOptions:
         absorb_clip: bound on |ln r|.
         absorb_final: where the final drift is measured: "last" (last block output),
             "norm" (after the final norm) or "kl" (KL of the output distribution).
-        absorb_mode: "noise" (Gaussian, relative eta) or "prune" (the block pruned alone).
+        absorb_mode: "prune" (default: block l pruned alone at the target sparsity with the
+            chosen pruner, everything else dense -- the perturbation has the size and
+            structure of real pruning error) or "noise" (the seed paper's Gaussian noise of
+            relative size eta; see FINDINGS.md for why it misleads on these models).
         absorb_budget: budget restoration after the shift: "shift" or "rescale".
         absorb_positions: token positions the perturbation is applied to: "all" or
             "skip-first" (leave position 0, the massive-activation sink, unperturbed).
@@ -52,7 +55,7 @@ class AllocationOptions:
     absorb_gamma: float | str = 0.04
     absorb_clip: float = 1.0986122886681098
     absorb_final: str = "last"
-    absorb_mode: str = "noise"
+    absorb_mode: str = "prune"
     absorb_budget: str = "shift"
     absorb_positions: str = "all"
     absorb_scale: str = "state"

@@ -50,7 +50,8 @@ AbsorbEta = Annotated[float, typer.Option(help="noise magnitude of the absorptio
 AbsorbGamma = Annotated[str, typer.Option(help="largest sparsity shift, or 'auto'")]
 AbsorbClip = Annotated[float, typer.Option(help="bound on |ln r|")]
 AbsorbFinal = Annotated[str, typer.Option(help="final drift: last, norm or kl")]
-AbsorbMode = Annotated[str, typer.Option(help="noise or prune")]
+AbsorbMode = Annotated[str, typer.Option(help="prune (the block pruned alone) or noise "
+                      "(Gaussian, relative size --absorb-eta)")]
 AbsorbBudget = Annotated[str, typer.Option(help="budget restoration: shift or rescale")]
 AbsorbPositions = Annotated[str, typer.Option(help="perturbed positions: all or skip-first")]
 AbsorbNSamples = Annotated[int, typer.Option(help="calibration sequences the absorption probe "
@@ -149,7 +150,7 @@ def prune(
     device: Device = "cpu", owl_m: OwlM = 5.0, owl_lambda: OwlLambda = 0.08,
     alpha_eps: AlphaEps = 0.3, linear_beta: LinearBeta = None, absorb_eta: AbsorbEta = 1e-2,
     absorb_gamma: AbsorbGamma = "0.04", absorb_clip: AbsorbClip = 1.0986122886681098,
-    absorb_final: AbsorbFinal = "last", absorb_mode: AbsorbMode = "noise",
+    absorb_final: AbsorbFinal = "last", absorb_mode: AbsorbMode = "prune",
     absorb_budget: AbsorbBudget = "shift", absorb_positions: AbsorbPositions = "all",
     absorb_nsamples: AbsorbNSamples = 16,
     absorb_draws: AbsorbDraws = 1,
@@ -207,7 +208,7 @@ def allocate(
     owl_lambda: OwlLambda = 0.08, alpha_eps: AlphaEps = 0.3, linear_beta: LinearBeta = None,
     absorb_eta: AbsorbEta = 1e-2, absorb_gamma: AbsorbGamma = "0.04",
     absorb_clip: AbsorbClip = 1.0986122886681098, absorb_final: AbsorbFinal = "last",
-    absorb_mode: AbsorbMode = "noise", absorb_budget: AbsorbBudget = "shift",
+    absorb_mode: AbsorbMode = "prune", absorb_budget: AbsorbBudget = "shift",
     absorb_positions: AbsorbPositions = "all",
     absorb_nsamples: AbsorbNSamples = 16,
     absorb_draws: AbsorbDraws = 1, quiet: Quiet = False,
@@ -323,7 +324,7 @@ def compare(
     device: Device = "cpu", owl_m: OwlM = 5.0, owl_lambda: OwlLambda = 0.08,
     alpha_eps: AlphaEps = 0.3, linear_beta: LinearBeta = None, absorb_eta: AbsorbEta = 1e-2,
     absorb_gamma: AbsorbGamma = "0.04", absorb_clip: AbsorbClip = 1.0986122886681098,
-    absorb_final: AbsorbFinal = "last", absorb_mode: AbsorbMode = "noise",
+    absorb_final: AbsorbFinal = "last", absorb_mode: AbsorbMode = "prune",
     absorb_budget: AbsorbBudget = "shift", absorb_positions: AbsorbPositions = "all",
     absorb_nsamples: AbsorbNSamples = 16,
     absorb_draws: AbsorbDraws = 1,

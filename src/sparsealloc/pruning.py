@@ -58,6 +58,11 @@ def prune_sequential(
     """Prune all blocks in order; block l sees the outputs of the pruned blocks before it."""
     if len(block_sparsity) != runner.num_blocks:
         raise ValueError(f"{len(block_sparsity)} sparsities for {runner.num_blocks} blocks")
+    first = next(iter(runner.arch.linears(0).values()))
+    if pruner.make_stats(_as_linear(first)) is None:  # data-free (magnitude): no block passes
+        for index in range(runner.num_blocks):
+            prune_block(runner, index, acts, pruner, float(block_sparsity[index]), pattern)
+        return
     for index in runner.sequential(acts, desc=f"pruning ({pruner.name})"):
         prune_block(runner, index, acts, pruner, float(block_sparsity[index]), pattern)
 
