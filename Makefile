@@ -30,7 +30,7 @@ dev: $(VENV)/.installed-dev
 demo: install
 	SPARSEALLOC_DATA=$(DATA) $(BIN)/sparsealloc compare --model smollm2-135m --sparsity 0.6 \
 		--pruner wanda --allocations uniform,owl,owl+absorb,alpha,alpha+absorb \
-		--nsamples 16 --seqlen 512 --eval-seqlen 1024 --eval-tokens 16384 \
+		--nsamples 16 --seqlen 512 --eval-seqlen 1024 --eval-tokens 8192 \
 		--absorb-nsamples 4 --out runs/demo
 
 test: dev
