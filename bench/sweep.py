@@ -71,13 +71,20 @@ def main() -> None:
         rec.update(evaluate(session, request))
         rec.update(label=label, options_given=kw, seconds=time.perf_counter() - t0)
         rows.append(rec)
+        save(args, proto, session, rows, complete=False)
         ppl = " ".join(f"{k} {v:.2f}" for k, v in rec["ppl"].items())
         print(f"{label:>32}: {ppl}  blocks {min(alloc.block_sparsity):.3f}-"
               f"{max(alloc.block_sparsity):.3f}", flush=True)
+    save(args, proto, session, rows, complete=True)
+
+
+def save(args, proto, session, rows, complete: bool) -> None:
+    """Write every finished row (atomically); ``complete`` is false until the last one."""
     write_json(args.out, {
         "model": args.model, "sparsity": args.sparsity, "pruner": args.pruner,
         "protocol": proto.record() | {"data_sources": session.data_sources},
-        "rows": rows, "timings": session.timings, "peak_rss_mb": peak_rss_mb(),
+        "rows": rows, "complete": complete, "timings": session.timings,
+        "peak_rss_mb": peak_rss_mb(),
     })
 
 
