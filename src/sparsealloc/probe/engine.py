@@ -193,7 +193,7 @@ class Probe:
                     weight_out_in(m).copy_(dense[n])
 
     def _logprobs(self, h: Tensor) -> Tensor:
-        logits = self.lm_head(h).float()
+        logits = self.lm_head(h).double()  # float64: tiny KLs must not round below zero
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return torch.log_softmax(logits, dim=-1)
@@ -277,7 +277,7 @@ class Probe:
             if self.cfg.kl and self.lm_head is not None:
                 step = max(1, self.cfg.kl_stride)  # the LM head is costly: every step-th token
                 lp, lq = self._logprobs(hn[:, ::step]), self._logprobs(pn[:, ::step])
-                kl = (lp.exp() * (lp - lq)).sum(-1)
+                kl = (lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0)
                 stats.add_final("kl", s.key, s.origin, o, kl.mean(1))
 
     def _summarise(self, stats: _Stats, norm_first: Tensor, norm_others: Tensor,
