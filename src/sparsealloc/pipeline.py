@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import resource
-import shutil
 import time
 from pathlib import Path
 
@@ -139,8 +138,3 @@ def finish(session: Session, record: dict, run_dir: Path | None) -> dict:
         write_json(run_dir / "result.json", record)
     return record
 
-
-def clean_partial(path: Path) -> None:
-    """Remove a run folder that holds nothing but what a crashed run left."""
-    if path.is_dir() and not any(path.iterdir()):
-        shutil.rmtree(path)

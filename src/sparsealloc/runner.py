@@ -68,10 +68,6 @@ class Activations:
     hidden: list[torch.Tensor]
     calls: list[list[BlockCall]] = field(default_factory=list)  # [batch][block]
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
-
     def clone(self) -> Activations:
         return Activations(hidden=[h.clone() for h in self.hidden], calls=self.calls)
 

@@ -49,10 +49,6 @@ class Architecture:
     def num_blocks(self) -> int:
         return len(self.blocks)
 
-    @property
-    def blocks_path(self) -> str:
-        return self.blocks_attr
-
     def linears(self, index: int) -> dict[str, nn.Module]:
         """Prunable layers of block ``index``, by their name inside the block."""
         block = self.blocks[index]
