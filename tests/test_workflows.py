@@ -70,6 +70,32 @@ def test_compare_reuses_dense_statistics(tmp_path):
     md = (out / "compare.md").read_text()
     assert "owl+absorb" in md and "vs base" in md
     assert (out / "compare.png").is_file()
+    assert not (out / "compare.partial.json").exists()
+
+
+def test_compare_crash_keeps_finished_rows_marked_incomplete(tmp_path, monkeypatch):
+    import sparsealloc.compare as compare_mod
+
+    folder, text = save_tiny(tmp_path)
+    out = tmp_path / "cmp"
+    real_evaluate = compare_mod.evaluate
+    calls = []
+
+    def failing_evaluate(session, request):
+        calls.append(1)
+        if len(calls) == 3:  # dense, first row, then the second row crashes
+            raise RuntimeError("simulated crash")
+        return real_evaluate(session, request)
+
+    monkeypatch.setattr(compare_mod, "evaluate", failing_evaluate)
+    res = runner.invoke(app, ["compare", *_common(folder, text), "--ppl", str(text),
+                              "--sparsity", "0.5", "--allocations", "uniform,owl",
+                              "--out", str(out)])
+    assert res.exit_code != 0
+    assert not (out / "compare.json").exists()
+    partial = json.loads((out / "compare.partial.json").read_text())
+    assert partial["complete"] is False
+    assert [r["allocation"] for r in partial["rows"]] == ["uniform"]
 
 
 def test_auto_gamma_picks_zero_when_every_gamma_hurts(monkeypatch):

@@ -17,6 +17,10 @@ from .report.plots import plot_compare
 from .session import Session
 
 
+PARTIAL = "compare.partial.json"
+"""Rows finished so far (``"complete": false``); replaced by compare.json when the run ends."""
+
+
 def _label(rec: dict) -> str:
     return f"{rec['pruner']['name']} {rec['target_sparsity']:.0%} {rec['allocation']}"
 
@@ -49,6 +53,9 @@ def run_compare(model: str, protocol: Protocol, *, sparsities: list[float], prun
                 rec.update(evaluate(session, request))
                 rec["label"] = _label(rec)
                 rows.append(rec)
+                if run_dir is not None:  # finished rows survive a crash, marked incomplete
+                    write_json(run_dir / PARTIAL, {"complete": False, "dense": dense,
+                                                   "rows": rows})
     session.restore_dense()
     main = request.ppl[0] if request.ppl else None
     for r in rows + ([dense] if dense else []):
@@ -68,6 +75,7 @@ def run_compare(model: str, protocol: Protocol, *, sparsities: list[float], prun
         plot_compare(([dense] if dense else []) + rows, run_dir / "compare.png",
                      title=f"{model}, {main} perplexity")
         write_json(run_dir / "compare.json", record)
+        (run_dir / PARTIAL).unlink(missing_ok=True)
     return record
 
 

@@ -28,7 +28,7 @@ def prepare_run_dir(out: str | Path | None) -> Path | None:
         return None
     path = Path(out)
     path.mkdir(parents=True, exist_ok=True)
-    for name in ("result.json", "compare.json"):
+    for name in ("result.json", "compare.json", "compare.partial.json"):
         (path / name).unlink(missing_ok=True)
     return path
 
