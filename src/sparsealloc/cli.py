@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -30,6 +32,9 @@ EvalTokens = Annotated[int | None, typer.Option(help="evaluate only the first N 
 DataDir = Annotated[str | None, typer.Option(help="folder with a local WikiText-2 copy "
                     "(also $SPARSEALLOC_DATA)")]
 Device = Annotated[str, typer.Option(help="cpu or cuda[:i]")]
+BosPerWindow = Annotated[bool, typer.Option(
+    "--bos-per-window", help="start every calibration and perplexity window with BOS (models "
+    "such as Gemma expect it); off: the papers' protocol, one token stream cut into windows")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
 Out = Annotated[Path | None, typer.Option(help="run folder (result file written last)")]
 Sparsity = Annotated[float, typer.Option(help="target mean sparsity in [0,1)")]
@@ -63,17 +68,28 @@ def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _protocol(nsamples, seqlen, seed, calib, eval_seqlen, eval_tokens, data_dir, device):
+def protocol_options(
+    nsamples: NSamples = 128, seqlen: SeqLen = 2048, seed: Seed = 0, calib: Calib = "c4",
+    eval_seqlen: EvalSeqLen = None, eval_tokens: EvalTokens = None, data_dir: DataDir = None,
+    device: Device = "cpu", bos_per_window: BosPerWindow = False,
+):
+    """The calibration and evaluation protocol (``Protocol``) of prune, allocate and compare."""
     from .protocol import Protocol
 
     return Protocol(nsamples=nsamples, seqlen=seqlen, seed=seed, calib=calib,
                     eval_seqlen=eval_seqlen, eval_tokens=eval_tokens, data_dir=data_dir,
-                    device=device)
+                    device=device, bos_per_window=bos_per_window)
 
 
-def _options(owl_m, owl_lambda, alpha_eps, linear_beta, absorb_eta, absorb_gamma, absorb_clip,
-             absorb_final, absorb_mode, absorb_budget, absorb_positions, absorb_nsamples=16,
-             absorb_draws=1):
+def allocation_options(
+    owl_m: OwlM = 5.0, owl_lambda: OwlLambda = 0.08, alpha_eps: AlphaEps = 0.3,
+    linear_beta: LinearBeta = None, absorb_eta: AbsorbEta = 1e-2,
+    absorb_gamma: AbsorbGamma = "0.04", absorb_clip: AbsorbClip = 1.0986122886681098,
+    absorb_final: AbsorbFinal = "last", absorb_mode: AbsorbMode = "prune",
+    absorb_budget: AbsorbBudget = "shift", absorb_positions: AbsorbPositions = "all",
+    absorb_nsamples: AbsorbNSamples = 16, absorb_draws: AbsorbDraws = 1,
+):
+    """Allocator and correction hyperparameters (``AllocationOptions``)."""
     from .allocate import AllocationOptions
 
     gamma: float | str = absorb_gamma
@@ -96,6 +112,44 @@ def _options(owl_m, owl_lambda, alpha_eps, linear_beta, absorb_eta, absorb_gamma
                              absorb_mode=absorb_mode, absorb_budget=absorb_budget,
                              absorb_positions=absorb_positions, absorb_nsamples=absorb_nsamples,
                              absorb_draws=absorb_draws)
+
+
+def eval_options(ppl: Ppl = "wikitext2", tasks: Tasks = "", limit: Limit = None,
+                 batch_size: EvalBatch = 8):
+    """What to evaluate after pruning (``EvalRequest``)."""
+    return EvalRequest(ppl=_split(ppl), tasks=_tasks(tasks), limit=limit, batch_size=batch_size)
+
+
+def with_options(**groups):
+    """Give a command the options of each builder in ``groups`` (name -> builder function).
+
+    The command's own parameters come first; each builder's parameters become CLI options, and
+    the command receives the built object under the group's name. One definition per option
+    group keeps prune, allocate and compare from repeating thirty parameters each.
+    """
+    def decorate(command):
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
+               if p.name not in groups]
+        quiet = [p for p in own if p.name == "quiet"]
+        own = [p for p in own if p.name != "quiet"]
+        taken = {name: list(inspect.signature(b, eval_str=True).parameters)
+                 for name, b in groups.items()}
+        extra = [p for b in groups.values()
+                 for p in inspect.signature(b, eval_str=True).parameters.values()]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs):
+            for name, builder in groups.items():
+                kwargs[name] = builder(**{k: kwargs.pop(k) for k in taken[name]})
+            return command(**kwargs)
+
+        params = own + extra + quiet
+        wrapper.__signature__ = inspect.Signature(params)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        del wrapper.__wrapped__  # typer must see the merged signature, not the command's
+        return wrapper
+
+    return decorate
 
 
 def _print_result(record: dict) -> None:
@@ -139,35 +193,21 @@ def models() -> None:
 
 
 @app.command()
+@with_options(protocol=protocol_options, options=allocation_options, request=eval_options)
 def prune(
     model: Model = "smollm2-135m", pruner: Pruner = "wanda", sparsity: Sparsity = 0.5,
     pattern: Pattern = "unstructured", allocation: Allocation = "uniform",
     out: Out = None, save: Annotated[Path | None, typer.Option(help="save the pruned model "
     "here (transformers folder, safetensors)")] = None,
-    ppl: Ppl = "wikitext2", tasks: Tasks = "", limit: Limit = None, batch_size: EvalBatch = 8,
-    nsamples: NSamples = 128, seqlen: SeqLen = 2048, seed: Seed = 0, calib: Calib = "c4",
-    eval_seqlen: EvalSeqLen = None, eval_tokens: EvalTokens = None, data_dir: DataDir = None,
-    device: Device = "cpu", owl_m: OwlM = 5.0, owl_lambda: OwlLambda = 0.08,
-    alpha_eps: AlphaEps = 0.3, linear_beta: LinearBeta = None, absorb_eta: AbsorbEta = 1e-2,
-    absorb_gamma: AbsorbGamma = "0.04", absorb_clip: AbsorbClip = 1.0986122886681098,
-    absorb_final: AbsorbFinal = "last", absorb_mode: AbsorbMode = "prune",
-    absorb_budget: AbsorbBudget = "shift", absorb_positions: AbsorbPositions = "all",
-    absorb_nsamples: AbsorbNSamples = 16,
-    absorb_draws: AbsorbDraws = 1,
-    quiet: Quiet = False,
+    *, protocol, options, request, quiet: Quiet = False,
 ) -> None:
     """Prune a model block by block and evaluate it."""
     from .pipeline import run_prune
 
     set_quiet(quiet)
-    proto = _protocol(nsamples, seqlen, seed, calib, eval_seqlen, eval_tokens, data_dir, device)
-    opts = _options(owl_m, owl_lambda, alpha_eps, linear_beta, absorb_eta, absorb_gamma,
-                    absorb_clip, absorb_final, absorb_mode, absorb_budget, absorb_positions,
-                    absorb_nsamples, absorb_draws)
-    req = EvalRequest(ppl=_split(ppl), tasks=_tasks(tasks), limit=limit, batch_size=batch_size)
-    record = run_prune(model, proto, pruner=pruner, sparsity=sparsity, pattern=pattern,
-                       allocation=allocation, options=opts, request=req, save=save, out=out,
-                       progress=not quiet)
+    record = run_prune(model, protocol, pruner=pruner, sparsity=sparsity, pattern=pattern,
+                       allocation=allocation, options=options, request=request, save=save,
+                       out=out, progress=not quiet)
     _print_result(record)
 
 
@@ -185,33 +225,28 @@ def eval_(
     model: Model = "smollm2-135m", ppl: Ppl = "wikitext2", tasks: Tasks = "",
     limit: Limit = None, batch_size: EvalBatch = 8, out: Out = None, seqlen: SeqLen = 2048,
     eval_tokens: EvalTokens = None, data_dir: DataDir = None, device: Device = "cpu",
-    quiet: Quiet = False,
+    bos_per_window: BosPerWindow = False, quiet: Quiet = False,
 ) -> None:
     """Evaluate a model (packaged name, folder such as a --save output, or hub id)."""
     from .pipeline import run_eval
+    from .protocol import Protocol
 
     set_quiet(quiet)
-    proto = _protocol(1, seqlen, 0, "c4", None, eval_tokens, data_dir, device)
+    proto = Protocol(nsamples=1, seqlen=seqlen, eval_tokens=eval_tokens, data_dir=data_dir,
+                     device=device, bos_per_window=bos_per_window)
     req = EvalRequest(ppl=_split(ppl), tasks=_tasks(tasks), limit=limit, batch_size=batch_size)
     _print_result(run_eval(model, proto, req, out=out, progress=not quiet))
 
 
 @app.command()
+@with_options(protocol=protocol_options, options=allocation_options)
 def allocate(
     model: Model = "smollm2-135m",
     allocation: Annotated[str, typer.Option(help="one or more allocations, comma separated, "
                           "e.g. uniform,owl,alpha,owl+absorb")] = "uniform,owl,alpha",
     sparsity: Sparsity = 0.7, out: Annotated[Path, typer.Option(help="output folder")] = Path(
         "allocation"), pruner: Pruner = "wanda",
-    nsamples: NSamples = 128, seqlen: SeqLen = 2048, seed: Seed = 0, calib: Calib = "c4",
-    data_dir: DataDir = None, device: Device = "cpu", owl_m: OwlM = 5.0,
-    owl_lambda: OwlLambda = 0.08, alpha_eps: AlphaEps = 0.3, linear_beta: LinearBeta = None,
-    absorb_eta: AbsorbEta = 1e-2, absorb_gamma: AbsorbGamma = "0.04",
-    absorb_clip: AbsorbClip = 1.0986122886681098, absorb_final: AbsorbFinal = "last",
-    absorb_mode: AbsorbMode = "prune", absorb_budget: AbsorbBudget = "shift",
-    absorb_positions: AbsorbPositions = "all",
-    absorb_nsamples: AbsorbNSamples = 16,
-    absorb_draws: AbsorbDraws = 1, quiet: Quiet = False,
+    *, protocol, options, quiet: Quiet = False,
 ) -> None:
     """Compute allocations without pruning: allocation.json and allocation.png."""
     from .allocate import compute_allocation
@@ -227,21 +262,17 @@ def allocate(
     specs = _split(allocation)
     for spec in specs:
         parse_allocation_spec(spec)
-    opts = _options(owl_m, owl_lambda, alpha_eps, linear_beta, absorb_eta, absorb_gamma,
-                    absorb_clip, absorb_final, absorb_mode, absorb_budget, absorb_positions,
-                    absorb_nsamples, absorb_draws)
-    proto = _protocol(nsamples, seqlen, seed, calib, None, None, data_dir, device)
     run_dir = prepare_run_dir(out)
     (run_dir / "allocation.json").unlink(missing_ok=True)
-    session = Session(model, proto, progress=not quiet)
-    allocs = [compute_allocation(session, spec, sparsity, opts, pruner) for spec in specs]
+    session = Session(model, protocol, progress=not quiet)
+    allocs = [compute_allocation(session, spec, sparsity, options, pruner) for spec in specs]
     first = allocs[0]
     record = base_record(session) | {
         "allocation": first.spec, "target_sparsity": sparsity,
         "block_sparsity": first.block_sparsity, "scores": first.scores,
         "score_name": first.score_name,
         "allocations": {a.spec: a.record() for a in allocs},
-        "protocol": proto.record() | {"data_sources": session.data_sources},
+        "protocol": protocol.record() | {"data_sources": session.data_sources},
         "timings": dict(session.timings),
     }
     plot_allocations({a.spec: a.block_sparsity for a in allocs}, run_dir / "allocation.png",
@@ -270,13 +301,14 @@ def probe(
     nsamples: Annotated[int, typer.Option(help="calibration sequences probed")] = 8,
     seqlen: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
     seed: Seed = 0, calib: Calib = "c4", data_dir: DataDir = None, device: Device = "cpu",
+    bos_per_window: BosPerWindow = False,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("probe"), quiet: Quiet = False,
 ) -> None:
     """Perturbation probe on the dense model: drift, cosine, absorption coefficients, plots."""
     from .io import write_json
     from .pipeline import base_record, prepare_run_dir
     from .probe import ProbeConfig, run_probe
-    from .protocol import check_sparsity
+    from .protocol import Protocol, check_sparsity
     from .report.plots import plot_probe
     from .session import Session
 
@@ -291,7 +323,8 @@ def probe(
     cfg = ProbeConfig(etas=etas, mode=mode, draws=draws, nsamples=nsamples, positions=positions,
                       scale=scale, kl=kl, kl_stride=kl_stride, seed=seed, pruner=pruner,
                       sparsity=sparsity, pattern=pattern)
-    proto = _protocol(nsamples, seqlen, seed, calib, None, None, data_dir, device)
+    proto = Protocol(nsamples=nsamples, seqlen=seqlen, seed=seed, calib=calib,
+                     data_dir=data_dir, device=device, bos_per_window=bos_per_window)
     run_dir = prepare_run_dir(out)
     (run_dir / "probe.json").unlink(missing_ok=True)
     session = Session(model, proto, progress=not quiet)
@@ -310,6 +343,7 @@ def probe(
 
 
 @app.command()
+@with_options(protocol=protocol_options, options=allocation_options, request=eval_options)
 def compare(
     model: Model = "smollm2-135m",
     sparsity: Annotated[str, typer.Option(help="target sparsities, comma separated")] = "0.7",
@@ -318,17 +352,7 @@ def compare(
     "uniform,owl,owl+absorb,alpha,alpha+absorb",
     pattern: Pattern = "unstructured", out: Annotated[Path, typer.Option(
         help="output folder")] = Path("compare"),
-    ppl: Ppl = "wikitext2", tasks: Tasks = "", limit: Limit = None, batch_size: EvalBatch = 8,
-    nsamples: NSamples = 128, seqlen: SeqLen = 2048, seed: Seed = 0, calib: Calib = "c4",
-    eval_seqlen: EvalSeqLen = None, eval_tokens: EvalTokens = None, data_dir: DataDir = None,
-    device: Device = "cpu", owl_m: OwlM = 5.0, owl_lambda: OwlLambda = 0.08,
-    alpha_eps: AlphaEps = 0.3, linear_beta: LinearBeta = None, absorb_eta: AbsorbEta = 1e-2,
-    absorb_gamma: AbsorbGamma = "0.04", absorb_clip: AbsorbClip = 1.0986122886681098,
-    absorb_final: AbsorbFinal = "last", absorb_mode: AbsorbMode = "prune",
-    absorb_budget: AbsorbBudget = "shift", absorb_positions: AbsorbPositions = "all",
-    absorb_nsamples: AbsorbNSamples = 16,
-    absorb_draws: AbsorbDraws = 1,
-    quiet: Quiet = False,
+    *, protocol, options, request, quiet: Quiet = False,
 ) -> None:
     """The comparison table: every allocation (x sparsity x pruner) from one shared dense pass."""
     from .compare import run_compare
@@ -340,14 +364,9 @@ def compare(
         raise UserError(
             f"--sparsity must be numbers separated by commas (got {sparsity!r})"
         ) from None
-    proto = _protocol(nsamples, seqlen, seed, calib, eval_seqlen, eval_tokens, data_dir, device)
-    opts = _options(owl_m, owl_lambda, alpha_eps, linear_beta, absorb_eta, absorb_gamma,
-                    absorb_clip, absorb_final, absorb_mode, absorb_budget, absorb_positions,
-                    absorb_nsamples, absorb_draws)
-    req = EvalRequest(ppl=_split(ppl), tasks=_tasks(tasks), limit=limit, batch_size=batch_size)
-    record = run_compare(model, proto, sparsities=sparsities, pruners=_split(pruner),
-                         allocations=_split(allocations), pattern=pattern, options=opts,
-                         request=req, out=out, progress=not quiet)
+    record = run_compare(model, protocol, sparsities=sparsities, pruners=_split(pruner),
+                         allocations=_split(allocations), pattern=pattern, options=options,
+                         request=request, out=out, progress=not quiet)
     from .compare import render_markdown
 
     typer.echo(render_markdown(record))

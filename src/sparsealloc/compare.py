@@ -16,7 +16,6 @@ from .pruners.masks import parse_pattern
 from .report.plots import plot_compare
 from .session import Session
 
-
 PARTIAL = "compare.partial.json"
 """Rows finished so far (``"complete": false``); replaced by compare.json when the run ends."""
 

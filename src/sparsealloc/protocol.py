@@ -21,6 +21,10 @@ class Protocol:
         data_dir: folder holding a local WikiText-2 copy.
         device: compute device for blocks and evaluation.
         batch_size: sequences per block forward.
+        bos_per_window: start every calibration and perplexity window with the tokenizer's
+            BOS token followed by ``seqlen - 1`` text tokens. Off by default: the papers cut
+            windows from one token stream, so only the first window has BOS. Models trained
+            to always see BOS first (Gemma) score text far worse without it.
     """
 
     nsamples: int = 128
@@ -32,6 +36,7 @@ class Protocol:
     data_dir: str | None = None
     device: str = "cpu"
     batch_size: int = 1
+    bos_per_window: bool = False
 
     def __post_init__(self) -> None:
         check(self.nsamples >= 1, f"--nsamples must be at least 1 (got {self.nsamples})")
@@ -46,6 +51,9 @@ class Protocol:
         d["perplexity"] = ("non-overlapping windows of eval_seqlen over the whole tokenised "
                            "corpus (documents joined by blank lines); exp of mean window NLL")
         d["calibration_windows"] = "random starts in the concatenated calibration documents"
+        if self.bos_per_window:
+            d["perplexity"] += "; every window is BOS + eval_seqlen - 1 text tokens"
+            d["calibration_windows"] += "; every window is BOS + seqlen - 1 text tokens"
         return d
 
 

@@ -15,6 +15,7 @@ import torch
 
 from .cache import cache_root
 from .data.corpora import Corpus, calibration_windows, eval_windows, load_corpus, tokenize
+from .errors import UserError
 from .evaluation.perplexity import perplexity
 from .models.arch import discover, weight_out_in
 from .models.load import load_model
@@ -90,7 +91,7 @@ class Session:
         p = self.protocol
         with self.timed("calibration_data"):
             ids = tokenize(self.tokenizer, self.corpus(p.calib, "calibration"))
-            return calibration_windows(ids, p.nsamples, p.seqlen, p.seed)
+            return calibration_windows(ids, p.nsamples, p.seqlen, p.seed, self.window_bos)
 
     def capture(self) -> Activations:
         """Embedded calibration batches (computed once; a fresh copy per call)."""
@@ -100,12 +101,25 @@ class Session:
                                                      self.protocol.batch_size)
         return self._captured.clone()
 
+    @cached_property
+    def window_bos(self) -> int | None:
+        """The BOS id every window starts with (``--bos-per-window``), else None."""
+        if not self.protocol.bos_per_window:
+            return None
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if bos is None:
+            raise UserError(
+                f"--bos-per-window: the tokenizer of {self.model_id} has no BOS token; "
+                "run without --bos-per-window"
+            )
+        return int(bos)
+
     def eval_ids(self, name: str, split: str = "eval") -> torch.Tensor:
         key = f"eval_ids:{name}:{split}"
         if key not in self.cache:
             ids = tokenize(self.tokenizer, self.corpus(name, split))
             self.cache[key] = eval_windows(ids, self.protocol.eval_seqlen,
-                                           self.protocol.eval_tokens)
+                                           self.protocol.eval_tokens, self.window_bos)
         return self.cache[key]
 
     def perplexity(self, corpora: list[str]) -> dict[str, dict]:

@@ -146,28 +146,51 @@ def tokenize(tokenizer, corpus: Corpus) -> torch.Tensor:
 
 
 def calibration_windows(
-    ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0
+    ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0, bos: int | None = None
 ) -> torch.Tensor:
-    """``nsamples`` windows of ``seqlen`` tokens at random starts of the concatenated stream."""
+    """``nsamples`` windows of ``seqlen`` tokens at random starts of the concatenated stream.
+
+    With ``bos`` (a token id), every window is ``bos`` followed by ``seqlen - 1`` text tokens.
+    """
     if nsamples < 1 or seqlen < 2:
         raise UserError("--nsamples must be >= 1 and --seqlen >= 2")
-    if ids.numel() <= seqlen:
+    ids, body = _text_ids(ids, bos), seqlen - (bos is not None)
+    if ids.numel() <= body:
         raise UserError(
             f"the calibration text has {ids.numel()} tokens, fewer than --seqlen {seqlen}: "
             "use a longer text or a shorter --seqlen"
         )
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=gen)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    starts = torch.randint(0, ids.numel() - body, (nsamples,), generator=gen)
+    return _prepend(torch.stack([ids[s : s + body] for s in starts.tolist()]), bos)
 
 
-def eval_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows of ``seqlen`` (papers' protocol), optionally only the first ones."""
-    n = ids.numel() // seqlen
+def eval_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None = None,
+                 bos: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of ``seqlen`` (papers' protocol), optionally only the first ones.
+
+    With ``bos``, each window is ``bos`` followed by the next ``seqlen - 1`` text tokens, so
+    every token is scored once and every window starts as the model saw text in training.
+    """
+    ids, body = _text_ids(ids, bos), seqlen - (bos is not None)
+    n = ids.numel() // body
     if max_tokens is not None:
         n = min(n, max(1, max_tokens // seqlen))
     if n == 0:
         raise UserError(
             f"the evaluation text has {ids.numel()} tokens, fewer than --seqlen {seqlen}"
         )
-    return ids[: n * seqlen].view(n, seqlen)
+    return _prepend(ids[: n * body].view(n, body), bos)
+
+
+def _text_ids(ids: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """The stream without the tokenizer's leading BOS when windows get their own."""
+    if bos is not None and ids.numel() and int(ids[0]) == bos:
+        return ids[1:]
+    return ids
+
+
+def _prepend(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], 1)
