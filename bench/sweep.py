@@ -51,11 +51,14 @@ def main() -> None:
     ap.add_argument("--ppl", default="wikitext2")
     ap.add_argument("--dense", action="store_true", help="also evaluate the dense model")
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--bos-per-window", action="store_true",
+                    help="every calibration and perplexity window starts with BOS")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
     proto = Protocol(nsamples=args.nsamples, seqlen=args.seqlen, eval_seqlen=args.eval_seqlen,
-                     eval_tokens=args.eval_tokens, data_dir=args.data_dir)
+                     eval_tokens=args.eval_tokens, data_dir=args.data_dir,
+                     bos_per_window=args.bos_per_window)
     session = Session(args.model, proto, progress=False)
     request = EvalRequest(ppl=args.ppl.split(","))
     rows = []
