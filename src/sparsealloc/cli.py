@@ -327,7 +327,7 @@ def probe(
                      data_dir=data_dir, device=device, bos_per_window=bos_per_window)
     run_dir = prepare_run_dir(out)
     (run_dir / "probe.json").unlink(missing_ok=True)
-    session = Session(model, proto, progress=not quiet)
+    session = Session(model, proto, progress=not quiet, keep_dense=False)  # probe restores itself
     result = run_probe(session, cfg)
     record = base_record(session) | result | {"eta": etas if mode == "noise" else [],
                                               "timings": dict(session.timings)}

@@ -74,6 +74,7 @@ def prune_with(session: Session, pruner_name: str, pattern_text: str, alloc: All
     acts = session.capture()
     start = time.perf_counter()
     with session.timed("prune"):
+        session.modified = True
         prune_sequential(session.runner, acts, pruner, alloc.block_sparsity, pattern)
     del acts
     measured = measured_sparsity(session.arch)
@@ -105,7 +106,10 @@ def run_prune(
     get_pruner(pruner)
     parse_allocation_spec(allocation)
     run_dir = prepare_run_dir(out)
-    session = session or Session(model, protocol, progress=progress)
+    if session is None:  # one prune: no dense copy unless --absorb-gamma auto prunes repeatedly
+        auto = options is not None and options.absorb_gamma == "auto"
+        session = Session(model, protocol, progress=progress,
+                          keep_dense=auto and parse_allocation_spec(allocation).absorb)
     alloc = compute_allocation(session, allocation, sparsity, options, pruner, pattern)
     record = base_record(session)
     record.update(prune_with(session, pruner, pattern, alloc))
@@ -122,7 +126,7 @@ def run_prune(
 def run_eval(model: str, protocol, request: EvalRequest, out: str | Path | None = None,
              progress: bool = True) -> dict:
     run_dir = prepare_run_dir(out)
-    session = Session(model, protocol, progress=progress)
+    session = Session(model, protocol, progress=progress, keep_dense=False)
     record = base_record(session)
     measured = measured_sparsity(session.arch)
     record["measured_sparsity"] = measured["overall"]

@@ -26,7 +26,8 @@ from .runner import Activations, BlockRunner
 class Session:
     """One model under one protocol."""
 
-    def __init__(self, model: str, protocol: Protocol, progress: bool = True) -> None:
+    def __init__(self, model: str, protocol: Protocol, progress: bool = True,
+                 keep_dense: bool = True) -> None:
         self.spec = model
         self.protocol = protocol
         self.progress = progress
@@ -39,11 +40,12 @@ class Session:
         self.arch = discover(self.model)
         self.runner = BlockRunner(self.model, device=protocol.device, progress=progress,
                                   arch=self.arch)
-        self._dense = {
-            (i, n): weight_out_in(m).clone()
-            for i in range(self.arch.num_blocks)
-            for n, m in self.arch.linears(i).items()
-        }
+        # A copy of the dense prunable weights, taken the first time a prune needs it (the
+        # model is still dense then). keep_dense=False (one prune, nothing after it) skips the
+        # copy and halves the weights' memory; restoring after a prune then fails loudly.
+        self.keep_dense = keep_dense
+        self._dense: dict[tuple[int, str], torch.Tensor] | None = None
+        self.modified = False
         self._captured: Activations | None = None
         self.data_sources: dict[str, dict] = {}
         self.cache: dict[str, object] = {}
@@ -72,13 +74,30 @@ class Session:
         return self.arch.params_per_block()
 
     def restore_dense(self) -> None:
-        """Put the dense weights back into every prunable layer."""
+        """Put the dense weights back into every prunable layer (before each prune)."""
+        if self._dense is None:
+            if self.modified:
+                raise RuntimeError("the dense weights were not kept (Session(keep_dense=False)) "
+                                   "and the model has been pruned")
+            if self.keep_dense:
+                self._dense = {
+                    (i, n): weight_out_in(m).clone()
+                    for i in range(self.arch.num_blocks)
+                    for n, m in self.arch.linears(i).items()
+                }
+            return
         with torch.no_grad():
             for (i, n), w in self._dense.items():
                 weight_out_in(self.arch.linears(i)[n]).copy_(w)
+        self.modified = False
 
     def dense_weights(self, index: int) -> dict[str, torch.Tensor]:
-        return {n: self._dense[(index, n)] for n in self.arch.linear_names[index]}
+        """Block ``index``'s dense weights (the kept copy, or the model's own before pruning)."""
+        if self._dense is not None:
+            return {n: self._dense[(index, n)] for n in self.arch.linear_names[index]}
+        if self.modified:
+            raise RuntimeError("the dense weights were not kept and the model has been pruned")
+        return {n: weight_out_in(m) for n, m in self.arch.linears(index).items()}
 
     # ---------------------------------------------------------------- data
     def corpus(self, name: str, split: str) -> Corpus:

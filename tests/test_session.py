@@ -1,0 +1,44 @@
+"""The Session's dense copy: taken only when needed, restored exactly, never silently lost."""
+
+import pytest
+import torch
+from tiny_models import save_tiny
+
+from sparsealloc.allocate import compute_allocation
+from sparsealloc.models.arch import weight_out_in
+from sparsealloc.pipeline import prune_with
+from sparsealloc.protocol import Protocol
+from sparsealloc.session import Session
+
+
+def _session(tmp_path, keep_dense):
+    folder, text = save_tiny(tmp_path)
+    proto = Protocol(nsamples=2, seqlen=16, calib=str(text))
+    return Session(str(folder), proto, progress=False, keep_dense=keep_dense)
+
+
+def _weights(session):
+    return [weight_out_in(m).clone() for i in range(session.arch.num_blocks)
+            for m in session.arch.linears(i).values()]
+
+
+def test_restore_gives_back_the_dense_weights(tmp_path):
+    s = _session(tmp_path, keep_dense=True)
+    dense = _weights(s)
+    prune_with(s, "wanda", "unstructured", compute_allocation(s, "uniform", 0.5))
+    assert any(not torch.equal(a, b) for a, b in zip(dense, _weights(s), strict=True))
+    s.restore_dense()
+    assert all(torch.equal(a, b) for a, b in zip(dense, _weights(s), strict=True))
+    # the allocators still read dense weights after a prune
+    prune_with(s, "wanda", "unstructured", compute_allocation(s, "uniform", 0.5))
+    assert torch.equal(next(iter(s.dense_weights(0).values())), dense[0])
+
+
+def test_single_prune_keeps_no_copy_and_refuses_to_restore(tmp_path):
+    s = _session(tmp_path, keep_dense=False)
+    prune_with(s, "wanda", "unstructured", compute_allocation(s, "uniform", 0.5))
+    assert s._dense is None
+    with pytest.raises(RuntimeError, match="not kept"):
+        s.restore_dense()
+    with pytest.raises(RuntimeError, match="not kept"):
+        s.dense_weights(0)
