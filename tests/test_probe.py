@@ -82,6 +82,8 @@ def test_constant_offset_block_dilutes_drift_as_expected():
     assert drift[0, 1] == pytest.approx(0.05, rel=1e-4)
     r = res["absorption"]["last"]["0.05"]
     assert r[0] < 1 and r[1] < 1 and r[3] == pytest.approx(1.0, rel=1e-4)
+    # the error itself passes through unchanged: pure dilution, absolute gain exactly 1
+    assert res["absorption"]["abs"]["0.05"] == pytest.approx([1.0] * 5, rel=1e-4)
 
 
 def test_same_seed_same_result_and_shapes():

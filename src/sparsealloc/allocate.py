@@ -31,8 +31,10 @@ class AllocationOptions:
         absorb_eta: relative noise magnitude for the absorption coefficients.
         absorb_gamma: largest sparsity shift of the correction (a number, or "auto").
         absorb_clip: bound on |ln r|.
-        absorb_final: where the final drift is measured: "last" (last block output),
-            "norm" (after the final norm) or "kl" (KL of the output distribution).
+        absorb_final: where the final drift is measured: "last" (relative drift at the last
+            block output), "norm" (after the final norm), "kl" (KL of the output
+            distribution) or "abs" (absolute gain: leaves out the dilution of an early error
+            by a residual stream that grows with depth).
         absorb_mode: "prune" (default: block l pruned alone at the target sparsity with the
             chosen pruner, everything else dense -- the perturbation has the size and
             structure of real pruning error) or "noise" (the seed paper's Gaussian noise of

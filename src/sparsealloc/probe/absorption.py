@@ -52,21 +52,19 @@ def absorption_coefficients(session: Session, eta: float = 1e-2, final: str = "l
     Cached on disk per model, configuration and protocol (``$SPARSEALLOC_CACHE/absorption``)
     and in the session, so repeated runs and every row of ``compare`` reuse it.
     """
-    # every final (last, norm, kl) comes from one probe, so switching --absorb-final is free
+    # every final (last, norm, kl, abs) comes from one probe, so switching --absorb-final is free
     config = ProbeConfig(etas=[eta], mode=mode, draws=draws, nsamples=nsamples,
                          positions=positions, scale=scale, kl=True,
                          pruner=pruner, sparsity=sparsity)
     key = _cache_key(session, config)
-    if key in session.cache:
-        result = session.cache[key]
-    else:
-        path = session.cache_dir("absorption") / f"{key}.json"
-        if use_cache and path.is_file():
-            result = read_json(path)
-        else:
-            result = run_probe(session, config)
-            write_json(path, result)
-        session.cache[key] = result
+    path = session.cache_dir("absorption") / f"{key}.json"
+    result = session.cache.get(key)
+    if result is None and use_cache and path.is_file():
+        result = read_json(path)
+    if result is None or final not in result["absorption"]:  # absent, or an older probe
+        result = run_probe(session, config)
+        write_json(path, result)
+    session.cache[key] = result
     if final not in result["absorption"]:
         raise KeyError(f"final '{final}' not computed by this probe")
     return list(result["absorption"][final][config.keys[0]])

@@ -21,6 +21,10 @@ Modes:
 Finals: ``last`` (relative drift at the last block's output), ``norm`` (after the final norm,
 what the LM head reads) and, with ``kl=True``, ``kl``: KL(p_clean || p_perturbed) of the next-
 token distribution on every ``kl_stride``-th token; its coefficient is sqrt(KL) / R_l.
+``abs``: the *absolute* gain ||h'_L - h_L|| / ||h'_l - h_l|| (token means). Relative drift
+falls with depth whenever the residual stream grows, even if the rest of the network passes
+the error on unchanged; ``abs`` separates that dilution from real absorption (gain < 1: the
+later blocks shrink or cancel the error) and amplification (gain > 1).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from ..errors import UserError
 from ..models.arch import weight_out_in
 from ..runner import Activations, BlockCall, BlockRunner
 
-FINALS = ("last", "norm", "kl")
+FINALS = ("last", "norm", "kl")  # measured at the end; "abs" comes from the drift matrix
 
 
 @dataclass
@@ -95,7 +99,7 @@ class _Stream:
 class _Stats:
     """Per (key, origin l, block k, sequence) accumulators of token-mean quantities."""
 
-    NAMES = ("drift", "drift_skip_first", "drift_first_token", "cosine")
+    NAMES = ("drift", "drift_skip_first", "drift_first_token", "cosine", "drift_abs")
 
     def __init__(self, keys: int, blocks: int, seqs: int, draws: int) -> None:
         shape = (keys, blocks, blocks, seqs)
@@ -236,6 +240,10 @@ class Probe:
                     stats.add("drift_skip_first", s.key, s.origin, k, o, drift[:, 1:].mean(1))
                     stats.add("drift_first_token", s.key, s.origin, k, o, drift[:, 0])
                     stats.add("cosine", s.key, s.origin, k, o, cos.mean(1))
+                    tokens = slice(1, None) if cfg.positions == "skip-first" else slice(None)
+                    absolute = torch.linalg.vector_norm(s.states[b][:, tokens] - h[:, tokens],
+                                                        dim=-1)
+                    stats.add("drift_abs", s.key, s.origin, k, o, absolute.mean(1))
                     if k == L - 1:
                         self._finals(stats, s, b, o, h, final_norm)
             prev = clean
@@ -313,6 +321,12 @@ class Probe:
                                         for i, key in enumerate(cfg.keys)}
             if final == "kl":
                 out["final_kl"] = {key: arr[i].mean(-1).tolist() for i, key in enumerate(cfg.keys)}
+        gain = (stats.sums["drift_abs"][:, :, L - 1, :]
+                / stats.sums["drift_abs"][:, diag, diag, :].clamp_min(1e-30))  # (K, L, seqs)
+        absorption["abs"] = {key: gain[i].mean(-1).tolist() for i, key in enumerate(cfg.keys)}
+        absorption_spread["abs"] = {key: (gain[i].std(-1) if gain.shape[-1] > 1 else
+                                          torch.zeros(L)).tolist()
+                                    for i, key in enumerate(cfg.keys)}
         out["absorption"] = absorption
         out["absorption_spread"] = absorption_spread
         out["hidden_norm_first_token"] = norm_first.tolist()
