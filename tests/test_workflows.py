@@ -161,3 +161,14 @@ def test_real_smollm2_end_to_end(tmp_path, wikitext_dir):
     assert any(v["source"].startswith("local:") for v in src.values())
     assert any("exllamav3" in v["source"] for v in src.values())  # packaged C4
     assert 5 < rec["ppl"]["wikitext2"] < 500
+
+
+def test_compare_without_dense_row(tmp_path):
+    folder, text = save_tiny(tmp_path)
+    out = tmp_path / "cmp"
+    res = runner.invoke(app, ["compare", *_common(folder, text), "--ppl", str(text),
+                              "--sparsity", "0.5", "--allocations", "uniform", "--no-dense",
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((out / "compare.json").read_text())
+    assert rec["dense"] is None and len(rec["rows"]) == 1

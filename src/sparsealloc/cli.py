@@ -353,6 +353,8 @@ def compare(
     "uniform,owl,owl+absorb,alpha,alpha+absorb",
     pattern: Pattern = "unstructured", out: Annotated[Path, typer.Option(
         help="output folder")] = Path("compare"),
+    dense: Annotated[bool, typer.Option(help="also evaluate the dense model (a row of its "
+                     "own)")] = True,
     *, protocol, options, request, quiet: Quiet = False,
 ) -> None:
     """The comparison table: every allocation (x sparsity x pruner) from one shared dense pass."""
@@ -367,7 +369,7 @@ def compare(
         ) from None
     record = run_compare(model, protocol, sparsities=sparsities, pruners=_split(pruner),
                          allocations=_split(allocations), pattern=pattern, options=options,
-                         request=request, out=out, progress=not quiet)
+                         request=request, out=out, include_dense=dense, progress=not quiet)
     from .compare import render_markdown
 
     typer.echo(render_markdown(record))
