@@ -42,3 +42,17 @@ def test_single_prune_keeps_no_copy_and_refuses_to_restore(tmp_path):
         s.restore_dense()
     with pytest.raises(RuntimeError, match="not kept"):
         s.dense_weights(0)
+
+
+def test_cache_fingerprint_follows_the_weights_not_the_folder_name(tmp_path):
+    a = _session(tmp_path / "a", keep_dense=True)
+    folder, text = save_tiny(tmp_path / "b", seed=1)  # same folder name, other weights
+    b = Session(str(folder), Protocol(nsamples=2, seqlen=16, calib=str(text)), progress=False)
+    same = _session(tmp_path / "c", keep_dense=True)
+    assert a.model_id == b.model_id
+    assert a.weights_fingerprint != b.weights_fingerprint
+    assert a.weights_fingerprint == same.weights_fingerprint
+    # computed after a prune, it still describes the dense weights
+    prune_with(same, "wanda", "unstructured", compute_allocation(same, "uniform", 0.5))
+    del same.__dict__["weights_fingerprint"]
+    assert same.weights_fingerprint == a.weights_fingerprint

@@ -65,6 +65,25 @@ class Session:
         """Stable identifier of the model for cache keys."""
         return str(self.source.get("name") or self.source.get("path") or self.spec)
 
+    @cached_property
+    def weights_fingerprint(self) -> str:
+        """A short hash of the dense prunable weights, for on-disk cache keys.
+
+        Two local folders with the same name (or a folder overwritten with other weights)
+        must never share cached probe results. Hashes every layer's shape, float64 sum and a
+        strided sample of ~4k values: cheap, and it changes whenever the weights do.
+        """
+        import hashlib
+
+        h = hashlib.sha256()
+        for i in range(self.arch.num_blocks):
+            for name, w in self.dense_weights(i).items():
+                flat = w.detach().reshape(-1)
+                step = max(1, flat.numel() // 4096)
+                h.update(f"{i}.{name}:{tuple(w.shape)}:{float(flat.double().sum()):.10e}".encode())
+                h.update(flat[::step].float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def cache_dir(self, kind: str) -> Path:
         safe = self.model_id.replace("/", "__").replace(":", "_")
         return cache_root() / kind / safe

@@ -37,9 +37,11 @@ def run_probe(session: Session, config: ProbeConfig) -> dict:
 
 def _cache_key(session: Session, config: ProbeConfig) -> str:
     p = session.protocol
-    blob = json.dumps({"model": session.model_id, "cfg": config.record(), "seqlen": p.seqlen,
+    blob = json.dumps({"model": session.model_id, "weights": session.weights_fingerprint,
+                       "cfg": config.record(), "seqlen": p.seqlen,
                        "calib": p.calib, "seed": p.seed, "nsamples": p.nsamples,
-                       "batch": p.batch_size}, sort_keys=True)
+                       "batch": p.batch_size, "bos_per_window": p.bos_per_window},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
