@@ -45,7 +45,7 @@ def test_probe_command_writes_json_and_plots(tmp_path):
     assert res.exit_code == 0, res.output
     rec = json.loads((out / "probe.json").read_text())
     assert rec["eta"] == [1e-3, 1e-1]
-    assert set(rec["absorption"]) == {"last", "norm", "kl", "abs"}
+    assert set(rec["absorption"]) == {"last", "norm", "kl", "abs", "damage"}
     assert len(rec["drift"]["0.001"]) == 3 and rec["drift"]["0.001"][2][0] is None  # nan -> null
     for png in ("drift_curves", "drift_heatmap", "absorption", "absorption_vs_eta"):
         assert (out / f"{png}.png").is_file()

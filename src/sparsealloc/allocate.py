@@ -33,8 +33,10 @@ class AllocationOptions:
         absorb_clip: bound on |ln r|.
         absorb_final: where the final drift is measured: "last" (relative drift at the last
             block output), "norm" (after the final norm), "kl" (KL of the output
-            distribution) or "abs" (absolute gain: leaves out the dilution of an early error
-            by a residual stream that grows with depth).
+            distribution), "abs" (absolute gain: leaves out the dilution of an early error
+            by a residual stream that grows with depth) or "damage" (sqrt KL when block l is
+            perturbed, not divided by the injected drift: total damage, a reference point
+            rather than the seed's coefficient).
         absorb_mode: "prune" (default: block l pruned alone at the target sparsity with the
             chosen pruner, everything else dense -- the perturbation has the size and
             structure of real pruning error) or "noise" (the seed paper's Gaussian noise of

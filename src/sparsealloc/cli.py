@@ -54,8 +54,9 @@ LinearBeta = Annotated[float | None, typer.Option(help="linear schedule slope pe
 AbsorbEta = Annotated[float, typer.Option(help="noise magnitude of the absorption probe")]
 AbsorbGamma = Annotated[str, typer.Option(help="largest sparsity shift, or 'auto'")]
 AbsorbClip = Annotated[float, typer.Option(help="bound on |ln r|")]
-AbsorbFinal = Annotated[str, typer.Option(help="final drift: last, norm, kl or abs (absolute "
-                                          "gain, no residual-growth dilution)")]
+AbsorbFinal = Annotated[str, typer.Option(help="final drift: last, norm, kl, abs (absolute "
+                                          "gain, no residual-growth dilution) or damage "
+                                          "(sqrt KL, not a ratio: a reference point)")]
 AbsorbMode = Annotated[str, typer.Option(help="prune (the block pruned alone) or noise "
                       "(Gaussian, relative size --absorb-eta)")]
 AbsorbBudget = Annotated[str, typer.Option(help="budget restoration: shift or rescale")]
@@ -101,7 +102,8 @@ def allocation_options(
             raise UserError(
                 f"--absorb-gamma must be a number or 'auto' (got {absorb_gamma!r})"
             ) from None
-    for name, value, allowed in (("--absorb-final", absorb_final, ("last", "norm", "kl", "abs")),
+    for name, value, allowed in (("--absorb-final", absorb_final,
+                                  ("last", "norm", "kl", "abs", "damage")),
                                  ("--absorb-mode", absorb_mode, ("noise", "prune")),
                                  ("--absorb-budget", absorb_budget, ("shift", "rescale")),
                                  ("--absorb-positions", absorb_positions, ("all", "skip-first"))):

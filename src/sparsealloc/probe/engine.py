@@ -25,6 +25,9 @@ token distribution on every ``kl_stride``-th token; its coefficient is sqrt(KL) 
 falls with depth whenever the residual stream grows, even if the rest of the network passes
 the error on unchanged; ``abs`` separates that dilution from real absorption (gain < 1: the
 later blocks shrink or cancel the error) and amplification (gain > 1).
+``damage`` (with ``kl=True``): sqrt(KL) itself, not divided by the injected drift: how much the
+output moves when block l is perturbed, local error and propagation together. It is not the
+seed's coefficient; it is the reference point that tells whether the ratio adds anything.
 """
 
 from __future__ import annotations
@@ -321,6 +324,12 @@ class Probe:
                                         for i, key in enumerate(cfg.keys)}
             if final == "kl":
                 out["final_kl"] = {key: arr[i].mean(-1).tolist() for i, key in enumerate(cfg.keys)}
+                damage = arr.sqrt()  # not divided by the injected drift: total output damage
+                absorption["damage"] = {key: damage[i].mean(-1).tolist()
+                                        for i, key in enumerate(cfg.keys)}
+                absorption_spread["damage"] = {key: (damage[i].std(-1) if damage.shape[-1] > 1
+                                                     else torch.zeros(L)).tolist()
+                                               for i, key in enumerate(cfg.keys)}
         gain = (stats.sums["drift_abs"][:, :, L - 1, :]
                 / stats.sums["drift_abs"][:, diag, diag, :].clamp_min(1e-30))  # (K, L, seqs)
         absorption["abs"] = {key: gain[i].mean(-1).tolist() for i, key in enumerate(cfg.keys)}
