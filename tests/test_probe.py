@@ -66,9 +66,9 @@ def test_identity_blocks_keep_drift_equal_to_eta():
         assert float(cos[0, L - 1]) == pytest.approx(1 / math.sqrt(1 + eta**2), abs=eta**2 / 4)
         assert float(cos[0, L - 1]) == pytest.approx(float(cos[L - 1, L - 1]), rel=1e-3)
     assert "kl" in res["absorption"]
-    for key in ("0.001", "0.1"):  # damage: sqrt(KL), not divided by the injected drift
-        assert res["absorption"]["damage"][key] == pytest.approx(
-            [math.sqrt(x) for x in res["final_kl"][key]], rel=1e-6)
+    for key in ("0.001", "0.1"):  # damage: sqrt(KL) per sequence, not divided by the drift
+        for d, kl in zip(res["absorption"]["damage"][key], res["final_kl"][key], strict=True):
+            assert 0.5 * math.sqrt(kl) < d <= math.sqrt(kl) * (1 + 1e-9)  # Jensen: E sqrt <= sqrt E
 
 
 def test_constant_offset_block_dilutes_drift_as_expected():
