@@ -95,6 +95,7 @@ def test_compare_crash_keeps_finished_rows_marked_incomplete(tmp_path, monkeypat
     assert not (out / "compare.json").exists()
     partial = json.loads((out / "compare.partial.json").read_text())
     assert partial["complete"] is False
+    assert partial["model"] and partial["protocol"]["nsamples"] == 4  # self-describing
     assert [r["allocation"] for r in partial["rows"]] == ["uniform"]
 
 

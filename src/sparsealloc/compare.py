@@ -53,9 +53,23 @@ def run_compare(model: str, protocol: Protocol, *, sparsities: list[float], prun
                 rec["label"] = _label(rec)
                 rows.append(rec)
                 if run_dir is not None:  # finished rows survive a crash, marked incomplete
-                    write_json(run_dir / PARTIAL, {"complete": False, "dense": dense,
-                                                   "rows": rows})
+                    write_json(run_dir / PARTIAL, _record(session, dense, rows, pattern,
+                                                          options, request) | {"complete": False})
     session.restore_dense()
+    record = _record(session, dense, rows, pattern, options, request) | {"complete": True}
+    main = request.ppl[0] if request.ppl else None
+    if run_dir is not None:
+        write_text(run_dir / "compare.md", render_markdown(record))
+        plot_compare(([dense] if dense else []) + rows, run_dir / "compare.png",
+                     title=f"{model}, {main} perplexity")
+        write_json(run_dir / "compare.json", record)
+        (run_dir / PARTIAL).unlink(missing_ok=True)
+    return record
+
+
+def _record(session: Session, dense: dict | None, rows: list[dict], pattern: str,
+            options: AllocationOptions | None, request: EvalRequest) -> dict:
+    """The compare record of the rows finished so far (self-describing, like the final one)."""
     main = request.ppl[0] if request.ppl else None
     for r in rows + ([dense] if dense else []):
         r["ppl_main"] = r.get("ppl", {}).get(main) if main else None
@@ -64,17 +78,11 @@ def run_compare(model: str, protocol: Protocol, *, sparsities: list[float], prun
     record.update({
         "dense": dense, "rows": rows, "pattern": pattern,
         "allocation_options": (options or AllocationOptions()).record(),
-        "protocol": protocol.record() | {"data_sources": session.data_sources},
+        "protocol": session.protocol.record() | {"data_sources": session.data_sources},
         "shared_work": dict(session.counters),
         "timings": dict(session.timings), "peak_rss_mb": peak_rss_mb(),
     })
     record["summary"] = _summary(rows)
-    if run_dir is not None:
-        write_text(run_dir / "compare.md", render_markdown(record))
-        plot_compare(([dense] if dense else []) + rows, run_dir / "compare.png",
-                     title=f"{model}, {main} perplexity")
-        write_json(run_dir / "compare.json", record)
-        (run_dir / PARTIAL).unlink(missing_ok=True)
     return record
 
 
