@@ -70,6 +70,15 @@ def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _floats(text: str, option: str, example: str) -> list[float]:
+    try:
+        return [float(t) for t in _split(text)]
+    except ValueError:
+        raise UserError(
+            f"{option} must be numbers separated by commas, e.g. {example} (got {text!r})"
+        ) from None
+
+
 def protocol_options(
     nsamples: NSamples = 128, seqlen: SeqLen = 2048, seed: Seed = 0, calib: Calib = "c4",
     eval_seqlen: EvalSeqLen = None, eval_tokens: EvalTokens = None, data_dir: DataDir = None,
@@ -317,12 +326,7 @@ def probe(
 
     set_quiet(quiet)
     check_sparsity(sparsity)
-    try:
-        etas = [float(e) for e in _split(eta)]
-    except ValueError:
-        raise UserError(
-            f"--eta must be numbers separated by commas, e.g. 1e-4,1e-2 (got {eta!r})"
-        ) from None
+    etas = _floats(eta, "--eta", "1e-4,1e-2")
     cfg = ProbeConfig(etas=etas, mode=mode, draws=draws, nsamples=nsamples, positions=positions,
                       scale=scale, kl=kl, kl_stride=kl_stride, seed=seed, pruner=pruner,
                       sparsity=sparsity, pattern=pattern)
@@ -363,12 +367,7 @@ def compare(
     from .compare import run_compare
 
     set_quiet(quiet)
-    try:
-        sparsities = [float(s) for s in _split(sparsity)]
-    except ValueError:
-        raise UserError(
-            f"--sparsity must be numbers separated by commas (got {sparsity!r})"
-        ) from None
+    sparsities = _floats(sparsity, "--sparsity", "0.6,0.7")
     record = run_compare(model, protocol, sparsities=sparsities, pruners=_split(pruner),
                          allocations=_split(allocations), pattern=pattern, options=options,
                          request=request, out=out, include_dense=dense, progress=not quiet)
