@@ -111,3 +111,17 @@ def test_unknown_task_is_one_clear_error(tmp_path, monkeypatch, capsys):
     code, err = _main(monkeypatch, capsys, "eval", "--model", str(folder), "--ppl", "",
                       "--tasks", "boolq,nope", "--quiet")
     assert code == 2 and "nope" in err and "boolq" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["compare", "--sparsity", "0.6,seventy"], "--sparsity must be numbers"),
+        (["probe", "--eta", "1e-3,big"], "--eta must be numbers"),
+        (["compare", "--absorb-final", "middle"], "--absorb-final must be one of"),
+        (["compare", "--absorb-gamma", "lots"], "--absorb-gamma must be a number or 'auto'"),
+    ],
+)
+def test_bad_option_values_one_line_exit_2(monkeypatch, capsys, args, message):
+    code, err = _main(monkeypatch, capsys, *args, "--quiet")
+    assert code == 2 and message in err and len(err.splitlines()) == 1
