@@ -28,7 +28,7 @@ install: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
 
 demo: install
-	SPARSEALLOC_DATA=$(DATA) $(BIN)/sparsealloc compare --model smollm2-135m --sparsity 0.6 \
+	SPARSEALLOC_DATA=$(DATA) $(BIN)/sparsealloc compare --model smollm2-135m --sparsity 0.7 \
 		--pruner wanda --allocations uniform,owl,owl+absorb,alpha,alpha+absorb \
 		--nsamples 16 --seqlen 512 --eval-seqlen 1024 --eval-tokens 8192 \
 		--absorb-nsamples 4 --out runs/demo
