@@ -173,3 +173,27 @@ def test_compare_without_dense_row(tmp_path):
     assert res.exit_code == 0, res.output
     rec = json.loads((out / "compare.json").read_text())
     assert rec["dense"] is None and len(rec["rows"]) == 1
+
+
+def test_compare_report_with_zero_shot_only(tmp_path):
+    """--ppl '' with --tasks: the table and the plot show zero-shot instead of perplexity."""
+    from sparsealloc.compare import _relative_changes, _summary, render_markdown
+    from sparsealloc.report.plots import plot_compare
+
+    def row(alloc, acc):
+        return {"label": f"wanda 70% {alloc}", "allocation": alloc, "target_sparsity": 0.7,
+                "pruner": {"name": "wanda"}, "block_sparsity": [0.6, 0.8], "ppl_main": None,
+                "zeroshot": {"arc_easy": {"acc": acc}}, "zeroshot_mean": acc,
+                "zeroshot_protocol": {"limit": 50}}
+
+    rows = [row("owl", 0.30), row("owl+absorb", 0.32)]
+    _relative_changes(rows)
+    assert rows[1]["zeroshot_change_points"] == pytest.approx(2.0)
+    record = {"model": "m", "pattern": "unstructured", "dense": None, "rows": rows,
+              "summary": _summary(rows),
+              "protocol": {"nsamples": 4, "seqlen": 32, "calib": "c4", "seed": 0,
+                           "eval_seqlen": 32, "eval_tokens": None}}
+    md = render_markdown(record)
+    assert "perplexity" not in md and "first 50 documents" in md
+    assert "+2.00" in md and "Mean zero-shot change of +absorb against its base: +2.00" in md
+    assert plot_compare(rows, tmp_path / "c.png").stat().st_size > 1000

@@ -120,26 +120,42 @@ def _fmt(v, spec: str = ".2f") -> str:
 
 def render_markdown(record: dict) -> str:
     p = record["protocol"]
+    rows = ([record["dense"]] if record.get("dense") else []) + record["rows"]
+    corpora = list(rows[0].get("ppl", {})) if rows else []
+    has_zs = any("zeroshot_mean" in r for r in rows)
+    evaluated = []
+    if corpora:
+        evaluated.append(f"perplexity windows of {p['eval_seqlen']} tokens"
+                         + (f", first {p['eval_tokens']} tokens" if p.get("eval_tokens")
+                            else ", full split"))
+    if has_zs:
+        zs = next(r for r in rows if "zeroshot_mean" in r)
+        proto = zs.get("zeroshot_protocol", {})
+        limit = proto.get("limit")
+        evaluated.append("zero-shot (lm-eval) on " + ", ".join(zs.get("zeroshot", {}))
+                         + (f", first {limit} documents per task" if limit else ""))
     lines = [
         f"# {record['model']}: allocation comparison",
         "",
         f"Protocol: calibration {p['nsamples']} x {p['seqlen']} tokens of {p['calib']} "
-        f"(seed {p['seed']}); perplexity windows of {p['eval_seqlen']} tokens"
-        + (f", first {p['eval_tokens']} tokens" if p.get("eval_tokens") else ", full split")
-        + f"; pattern {record['pattern']}.",
+        f"(seed {p['seed']}); " + "; ".join(evaluated) + f"; pattern {record['pattern']}.",
         "",
     ]
-    rows = ([record["dense"]] if record.get("dense") else []) + record["rows"]
-    corpora = list(rows[0].get("ppl", {})) if rows else []
-    has_zs = any("zeroshot_mean" in r for r in rows)
-    head = ["row"] + [f"ppl {c}" for c in corpora] + (["zero-shot mean"] if has_zs else []) + [
-        "vs base (ppl)", "sparsity per block (min-max)"]
+    head = ["row"] + [f"ppl {c}" for c in corpora]
+    if corpora:
+        head.append("vs base (ppl)")
+    if has_zs:
+        head += ["zero-shot mean", "vs base (points)"]
+    head.append("sparsity per block (min-max)")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["label"]] + [_fmt(r.get("ppl", {}).get(c)) for c in corpora]
+        if corpora:
+            cells.append(f"{r['ppl_change']:+.2%}" if "ppl_change" in r else "")
         if has_zs:
             cells.append(_fmt(r.get("zeroshot_mean"), ".4f"))
-        cells.append(f"{r['ppl_change']:+.2%}" if "ppl_change" in r else "")
+            cells.append(f"{r['zeroshot_change_points']:+.2f}"
+                         if "zeroshot_change_points" in r else "")
         bs = r.get("block_sparsity")
         cells.append(f"{min(bs):.3f}-{max(bs):.3f}" if bs else "")
         lines.append("| " + " | ".join(cells) + " |")
@@ -147,7 +163,7 @@ def render_markdown(record: dict) -> str:
     if s["pairs"]:
         lines += ["", f"Mean relative perplexity change of +absorb against its base over "
                       f"{s['pairs']} pair(s): {s['mean_ppl_change_absorb_vs_base']:+.2%}."]
-        if s["mean_zeroshot_change_points_absorb_vs_base"] is not None:
-            lines.append(f"Mean zero-shot change: "
-                         f"{s['mean_zeroshot_change_points_absorb_vs_base']:+.2f} points.")
+    if s["mean_zeroshot_change_points_absorb_vs_base"] is not None:
+        lines += ["", f"Mean zero-shot change of +absorb against its base: "
+                      f"{s['mean_zeroshot_change_points_absorb_vs_base']:+.2f} points."]
     return "\n".join(lines) + "\n"

@@ -107,17 +107,23 @@ def _is_number(text: str) -> bool:
 
 
 def plot_compare(rows: list[dict], path: str | Path, title: str = "") -> Path:
-    """Perplexity bars (log scale) and the allocations per block, side by side."""
+    """Perplexity bars (log scale; zero-shot mean when no perplexity was evaluated) and the
+    allocations per block, side by side."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5))
     labels = [r["label"] for r in rows]
-    ppl = [r.get("ppl_main") or np.nan for r in rows]
-    a1.bar(range(len(rows)), ppl, color="tab:blue")
+    ppl = np.array([r.get("ppl_main") or np.nan for r in rows], dtype=float)
+    if np.isfinite(ppl).any():
+        values, name, fmt = ppl, "perplexity", "{:.1f}"
+        a1.set_yscale("log")
+    else:
+        values = np.array([r.get("zeroshot_mean", np.nan) for r in rows], dtype=float)
+        name, fmt = "zero-shot mean accuracy", "{:.3f}"
+    a1.bar(range(len(rows)), np.nan_to_num(values, nan=0.0), color="tab:blue")
     a1.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
-    a1.set_yscale("log")
-    a1.set_ylabel("perplexity")
-    for i, v in enumerate(ppl):
+    a1.set_ylabel(name)
+    for i, v in enumerate(values):
         if np.isfinite(v):
-            a1.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+            a1.text(i, v, fmt.format(v), ha="center", va="bottom", fontsize=7)
     seen = set()
     for r in rows:
         name = r["allocation"]
