@@ -144,15 +144,14 @@ def with_options(**groups):
                if p.name not in groups]
         quiet = [p for p in own if p.name == "quiet"]
         own = [p for p in own if p.name != "quiet"]
-        taken = {name: list(inspect.signature(b, eval_str=True).parameters)
+        taken = {name: list(inspect.signature(b, eval_str=True).parameters.values())
                  for name, b in groups.items()}
-        extra = [p for b in groups.values()
-                 for p in inspect.signature(b, eval_str=True).parameters.values()]
+        extra = [p for params in taken.values() for p in params]
 
         @functools.wraps(command)
         def wrapper(**kwargs):
             for name, builder in groups.items():
-                kwargs[name] = builder(**{k: kwargs.pop(k) for k in taken[name]})
+                kwargs[name] = builder(**{p.name: kwargs.pop(p.name) for p in taken[name]})
             return command(**kwargs)
 
         params = own + extra + quiet
@@ -246,7 +245,7 @@ def eval_(
     set_quiet(quiet)
     proto = Protocol(nsamples=1, seqlen=seqlen, eval_tokens=eval_tokens, data_dir=data_dir,
                      device=device, bos_per_window=bos_per_window)
-    req = EvalRequest(ppl=_split(ppl), tasks=_tasks(tasks), limit=limit, batch_size=batch_size)
+    req = eval_options(ppl, tasks, limit, batch_size)
     _print_result(run_eval(model, proto, req, out=out, progress=not quiet))
 
 

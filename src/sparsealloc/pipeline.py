@@ -104,12 +104,11 @@ def run_prune(
     check_sparsity(sparsity)
     parse_pattern(pattern)
     get_pruner(pruner)
-    parse_allocation_spec(allocation)
+    spec = parse_allocation_spec(allocation)
     run_dir = prepare_run_dir(out)
     if session is None:  # one prune: no dense copy unless --absorb-gamma auto prunes repeatedly
         auto = options is not None and options.absorb_gamma == "auto"
-        session = Session(model, protocol, progress=progress,
-                          keep_dense=auto and parse_allocation_spec(allocation).absorb)
+        session = Session(model, protocol, progress=progress, keep_dense=auto and spec.absorb)
     alloc = compute_allocation(session, allocation, sparsity, options, pruner, pattern)
     record = base_record(session)
     record.update(prune_with(session, pruner, pattern, alloc))

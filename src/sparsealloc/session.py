@@ -6,6 +6,7 @@ dense statistics (OWL), spectra (AlphaPruning), absorption coefficients, dense w
 
 from __future__ import annotations
 
+import hashlib
 import time
 from contextlib import contextmanager
 from functools import cached_property
@@ -73,8 +74,6 @@ class Session:
         must never share cached probe results. Hashes every layer's shape, float64 sum and a
         strided sample of ~4k values: cheap, and it changes whenever the weights do.
         """
-        import hashlib
-
         h = hashlib.sha256()
         for i in range(self.arch.num_blocks):
             for name, w in self.dense_weights(i).items():

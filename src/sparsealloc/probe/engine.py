@@ -117,12 +117,12 @@ class _Stats:
         self.final[name][key, l, seq0 : seq0 + values.numel()] += values.double() / self.draws
 
 
-def _relative_drift(pert: Tensor, clean: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-token relative L2 drift and cosine, shapes (b, T)."""
+def _relative_drift(pert: Tensor, clean: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token relative L2 drift, cosine and absolute L2 drift, shapes (b, T)."""
     diff = torch.linalg.vector_norm(pert - clean, dim=-1)
     norm = torch.linalg.vector_norm(clean, dim=-1).clamp_min(1e-12)
     cos = torch.nn.functional.cosine_similarity(pert, clean, dim=-1, eps=1e-12)
-    return diff / norm, cos
+    return diff / norm, cos, diff
 
 
 def _expand_call(call: BlockCall, batch: int, repeats: int) -> BlockCall:
@@ -224,6 +224,7 @@ class Probe:
         final_norm = runner.arch.final_norm
         from ..progress import progress_bar
 
+        tokens = slice(1, None) if cfg.positions == "skip-first" else slice(None)  # absolute gain
         prev = hidden
         for k in progress_bar(range(L), desc=f"probe ({cfg.mode})", enable=self.progress):
             with runner.on_device(k) as block:
@@ -237,16 +238,13 @@ class Probe:
                 norm_first[k] += float(n[:, 0].sum()) / nseq
                 norm_others[k] += float(n[:, 1:].median(dim=1).values.sum()) / nseq
                 for s in streams:
-                    drift, cos = _relative_drift(s.states[b], h)
+                    drift, cos, absolute = _relative_drift(s.states[b], h)
                     o = seq_offsets[b]
                     stats.add("drift", s.key, s.origin, k, o, drift.mean(1))
                     stats.add("drift_skip_first", s.key, s.origin, k, o, drift[:, 1:].mean(1))
                     stats.add("drift_first_token", s.key, s.origin, k, o, drift[:, 0])
                     stats.add("cosine", s.key, s.origin, k, o, cos.mean(1))
-                    tokens = slice(1, None) if cfg.positions == "skip-first" else slice(None)
-                    absolute = torch.linalg.vector_norm(s.states[b][:, tokens] - h[:, tokens],
-                                                        dim=-1)
-                    stats.add("drift_abs", s.key, s.origin, k, o, absolute.mean(1))
+                    stats.add("drift_abs", s.key, s.origin, k, o, absolute[:, tokens].mean(1))
                     if k == L - 1:
                         self._finals(stats, s, b, o, h, final_norm)
             prev = clean
@@ -279,11 +277,11 @@ class Probe:
     def _finals(self, stats: _Stats, s: _Stream, b: int, o: int, clean: Tensor,
                 final_norm) -> None:
         tokens = slice(1, None) if self.cfg.positions == "skip-first" else slice(None)
-        drift, _ = _relative_drift(s.states[b][:, tokens], clean[:, tokens])
+        drift, _, _ = _relative_drift(s.states[b][:, tokens], clean[:, tokens])
         stats.add_final("last", s.key, s.origin, o, drift.mean(1))
         if final_norm is not None:
             hn, pn = final_norm(clean[:, tokens]), final_norm(s.states[b][:, tokens])
-            d2, _ = _relative_drift(pn, hn)
+            d2, _, _ = _relative_drift(pn, hn)
             stats.add_final("norm", s.key, s.origin, o, d2.mean(1))
             if self.cfg.kl and self.lm_head is not None:
                 step = max(1, self.cfg.kl_stride)  # the LM head is costly: every step-th token
