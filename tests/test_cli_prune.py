@@ -119,7 +119,7 @@ def test_unknown_task_is_one_clear_error(tmp_path, monkeypatch, capsys):
         (["compare", "--sparsity", "0.6,seventy"], "--sparsity must be numbers"),
         (["probe", "--eta", "1e-3,big"], "--eta must be numbers"),
         (["compare", "--absorb-final", "middle"], "--absorb-final must be one of"),
-        (["compare", "--absorb-gamma", "lots"], "--absorb-gamma must be a number or 'auto'"),
+        (["compare", "--absorb-gamma", "lots"], "--absorb-gamma must be a number, 'auto'"),
     ],
 )
 def test_bad_option_values_one_line_exit_2(monkeypatch, capsys, args, message):

@@ -139,6 +139,47 @@ def test_auto_gamma_picks_zero_when_every_gamma_hurts(monkeypatch):
     assert curve[0]["tune_ppl"] < curve[-1]["tune_ppl"]
 
 
+def test_gamma_option_parsing():
+    from sparsealloc.errors import UserError
+
+    assert correction.parse_gamma("0.05") == 0.05
+    assert correction.parse_gamma("auto") == "auto"
+    assert correction.gamma_grid("auto") == correction.AUTO_GAMMAS
+    assert correction.AUTO_GAMMAS[0] == 0.0
+    # a user grid always gets 0 (the base) and comes back sorted without duplicates
+    assert correction.gamma_grid(correction.parse_gamma("auto:0.1,0.05,0.1")) == (0.0, 0.05, 0.1)
+    assert correction.is_auto("auto:0.1") and not correction.is_auto(0.04)
+    for bad in ("big", "auto:", "auto:x", "auto:1.5", "auto:-0.1"):
+        with pytest.raises(UserError, match="absorb-gamma"):
+            correction.parse_gamma(bad)
+
+
+def test_auto_gamma_searches_a_user_grid(monkeypatch):
+    from sparsealloc.allocate import Allocation
+
+    seen = {}
+
+    def fake_choose(session, base, r, target, opts, pruner, pattern, gammas):
+        seen["grid"] = gammas
+        return 0.05, [{"gamma": g, "tune_ppl": 1.0} for g in gammas]
+
+    monkeypatch.setattr(correction, "choose_gamma", fake_choose)
+    monkeypatch.setattr(correction, "coefficients", lambda *a, **k: [2.0, 1.0, 0.5])
+
+    class S:
+        params_per_block = [1.0, 1.0, 1.0]
+
+        class protocol:
+            calib = "c4"
+
+    alloc = Allocation(spec="uniform+absorb", target_sparsity=0.5, block_sparsity=[0.5] * 3)
+    out = correction.apply_correction(S(), alloc, AllocationOptions(absorb_gamma="auto:0.05"))
+    assert seen["grid"] == (0.0, 0.05)
+    assert out.options["absorb_gamma_used"] == 0.05
+    assert out.block_sparsity[0] < 0.5 < out.block_sparsity[2]  # amplifying block protected
+    assert abs(sum(out.block_sparsity) / 3 - 0.5) < 1e-9
+
+
 def test_auto_gamma_needs_a_held_out_slice():
     from sparsealloc.errors import UserError
 

@@ -6,7 +6,8 @@ absorbing blocks (r_l < 1) more; the budget is restored exactly afterwards.
 
 ``gamma="auto"`` picks gamma from a grid that includes 0 by perplexity on the *tuning* slice
 of the calibration corpus (never the evaluation corpus), so the correction cannot do worse
-than its base on the data it sees.
+than its base on the data it sees. ``"auto:0,0.05,0.1"`` searches a grid of your own (0 is
+always added).
 """
 
 from __future__ import annotations
@@ -18,7 +19,48 @@ from .errors import UserError
 from .evaluation.perplexity import perplexity
 from .session import Session
 
-AUTO_GAMMAS = (0.0, 0.01, 0.02, 0.04, 0.08)
+AUTO_GAMMAS = (0.0, 0.02, 0.04, 0.08, 0.12, 0.16)
+
+
+def parse_gamma(text: float | str) -> float | str:
+    """``--absorb-gamma``: a number, ``auto`` (the default grid) or ``auto:g1,g2,...``."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    text = str(text).strip()
+    if text == "auto":
+        return text
+    if text.startswith("auto:"):
+        gamma_grid(text)  # validates
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(
+            f"--absorb-gamma must be a number, 'auto' or 'auto:g1,g2,...' (got {text!r})"
+        ) from None
+
+
+def is_auto(gamma: float | str) -> bool:
+    return isinstance(gamma, str) and (gamma == "auto" or gamma.startswith("auto:"))
+
+
+def gamma_grid(gamma: str) -> tuple[float, ...]:
+    """The gammas ``auto`` searches: the default grid, or the listed ones plus 0, sorted."""
+    if gamma == "auto":
+        return AUTO_GAMMAS
+    items = [x.strip() for x in gamma[len("auto:"):].split(",") if x.strip()]
+    try:
+        values = {float(x) for x in items}
+    except ValueError:
+        raise UserError(
+            f"--absorb-gamma {gamma!r}: the grid after 'auto:' must be comma-separated numbers, "
+            f"e.g. auto:0.02,0.05,0.1"
+        ) from None
+    if not values or any(v < 0 or v >= 1 for v in values):
+        raise UserError(
+            f"--absorb-gamma {gamma!r}: give at least one gamma in [0, 1), e.g. auto:0.02,0.05"
+        )
+    return tuple(sorted(values | {0.0}))
 
 
 def coefficients(session: Session, opts, target: float, pruner: str = "wanda") -> list[float]:
@@ -52,7 +94,8 @@ def tune_corpus(calib: str) -> tuple[str, str]:
 
 
 def choose_gamma(session: Session, base: list[float], r: list[float], target: float, opts,
-                 pruner: str, pattern: str, gammas=AUTO_GAMMAS) -> tuple[float, list[dict]]:
+                 pruner: str, pattern: str,
+                 gammas: tuple[float, ...] = AUTO_GAMMAS) -> tuple[float, list[dict]]:
     """Prune at every gamma and keep the one with the lowest tuning-slice perplexity."""
     from .allocate import Allocation
     from .pipeline import prune_with
@@ -79,9 +122,9 @@ def apply_correction(session: Session, alloc, opts, pruner: str = "wanda",
     r = coefficients(session, opts, alloc.target_sparsity, pruner)
     base = list(alloc.block_sparsity)
     gamma, curve = opts.absorb_gamma, None
-    if gamma == "auto":
+    if is_auto(gamma):
         gamma, curve = choose_gamma(session, base, r, alloc.target_sparsity, opts, pruner,
-                                    pattern)
+                                    pattern, gamma_grid(gamma))
     options = dict(alloc.options, absorb_gamma_used=gamma)
     if curve is not None:
         options["gamma_curve"] = curve

@@ -9,6 +9,7 @@ from pathlib import Path
 from . import __version__
 from .allocate import Allocation, AllocationOptions, compute_allocation
 from .allocation import parse_allocation_spec
+from .correction import is_auto
 from .io import write_json
 from .protocol import EvalRequest
 from .pruners import get_pruner
@@ -107,7 +108,7 @@ def run_prune(
     spec = parse_allocation_spec(allocation)
     run_dir = prepare_run_dir(out)
     if session is None:  # one prune: no dense copy unless --absorb-gamma auto prunes repeatedly
-        auto = options is not None and options.absorb_gamma == "auto"
+        auto = options is not None and is_auto(options.absorb_gamma)
         session = Session(model, protocol, progress=progress, keep_dense=auto and spec.absorb)
     alloc = compute_allocation(session, allocation, sparsity, options, pruner, pattern)
     record = base_record(session)
