@@ -114,6 +114,19 @@ def test_prune_mode_runs_and_restores_dense_weights():
         assert torch.equal(v, before[k]), k
 
 
+def test_prune_mode_with_sparsegpt_restores_weights_and_differs_from_wanda():
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = dict(mode="prune", sparsity=0.7, nsamples=2)
+    sg, _, _ = _probe(model, ProbeConfig(pruner="sparsegpt", **cfg), n=2)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    wa, _, _ = _probe(model, ProbeConfig(pruner="wanda", **cfg), n=2)
+    assert sg["keys"] == ["prune:sparsegpt@0.7:unstructured"]
+    # SparseGPT updates the kept weights, so its pruning error differs from Wanda's
+    assert sg["injected_drift"][sg["keys"][0]] != wa["injected_drift"][wa["keys"][0]]
+
+
 def test_block_forward_count_matches_formula():
     model = tiny_model("llama")
     L, E, D, N = model.config.num_hidden_layers, 2, 2, 2
