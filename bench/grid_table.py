@@ -1,95 +1,140 @@
-"""One table over many comparison runs: the paper's five rows per (model, pruner, sparsity).
+"""One table over many comparison runs: the paper's rows per (model, pruner, sparsity).
 
-    python bench/grid_table.py runs/cmp-*/compare.json runs/sweep-smollm2-70.json [...]
+    python bench/grid_table.py results/*/compare.json results/sweep-*.json [--final damage]
 
-Reads ``compare.json`` files (``sparsealloc compare``) and ``bench/sweep.py`` outputs. In a
-sweep, the rows used are those labelled exactly ``uniform``, ``owl``, ``alpha`` and the
-``+absorb`` rows whose label is given with ``--absorb-label`` (default: the prune-mode rows of
-RESULTS.md). Prints the markdown table (perplexity of the first corpus, relative change of
-each +absorb row against its base) and the mean change over all pairs.
+Reads ``compare.json`` files (``sparsealloc compare``) and ``bench/sweep.py`` outputs and
+merges every row that shares a model, pruner, sparsity and protocol. Rows are picked by the
+options recorded with them, never by label: base rows (uniform, OWL, AlphaPruning) only at the
+default allocator hyperparameters, ``+absorb`` rows only when their correction settings match
+the variant asked for (``--mode``, ``--final``, ``--gamma``; defaults: the library's). A row
+found in several files must agree (runs are deterministic); the first one is used. Prints the
+markdown table (perplexity of the first corpus; each ``+absorb`` row with its relative change
+against its base) and the mean change over all pairs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+
+from sparsealloc.allocate import AllocationOptions
 
 BASES = ("uniform", "owl", "alpha")
+COLUMNS = ("uniform", "uniform+absorb", "owl", "owl+absorb", "alpha", "alpha+absorb")
+_DEFAULTS = AllocationOptions()
+_BASE_KEYS = {"owl": ("owl_m", "owl_lambda"), "alpha": ("alpha_eps",), "uniform": ()}
+# correction settings that must be at their defaults for a row to count as the named variant
+_FIXED = ("absorb_clip", "absorb_budget", "absorb_positions", "absorb_scale")
 
 
-def _rows_of(path: str, absorb_labels: dict[str, str]) -> list[dict]:
-    """(model, pruner, sparsity, protocol) -> {allocation: ppl} entries of one file."""
-    rec = json.load(open(path))
-    proto = rec["protocol"]
-    dense = None
-    if rec.get("dense"):
-        dense = next(iter(rec["dense"]["ppl"].values()))
+def _same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-9)
+    return str(a) == str(b)
+
+
+def row_name(row: dict, variant: dict) -> str | None:
+    """The table column a row belongs to, or None when its options are not the ones asked for."""
+    details = row.get("allocation_details") or {}
+    spec = details.get("spec", row.get("allocation", ""))
+    opts = details.get("options") or {}
+    base, _, absorb = spec.partition("+")
+    if base not in BASES or absorb not in ("", "absorb"):
+        return None
+    if any(k in opts and not _same(opts[k], getattr(_DEFAULTS, k)) for k in _BASE_KEYS[base]):
+        return None
+    if not absorb:
+        return base
+    if any(k in opts and not _same(opts[k], getattr(_DEFAULTS, k)) for k in _FIXED):
+        return None
+    if any(not _same(opts.get(k, getattr(_DEFAULTS, k)), v) for k, v in variant.items()):
+        return None
+    return spec
+
+
+def collect(paths: list[str], variant: dict) -> dict[tuple, dict]:
     groups: dict[tuple, dict] = {}
-    rows = rec["rows"]
-    for r in rows:
-        if r.get("label") == "dense":
-            dense = next(iter(r["ppl"].values()))
-    for r in rows:
-        if r.get("label") == "dense" or not r.get("ppl"):
-            continue
-        alloc = r["allocation"]
-        if "sweep" in path or "options_given" in r:  # sweep: pick the rows by label
-            label = r["label"]
-            if label in BASES:
-                name = label
-            elif absorb_labels.get(label):
-                name = absorb_labels[label]
-            else:
+    for path in paths:
+        rec = json.load(open(path))
+        proto = rec["protocol"]
+        dense = next(iter(rec["dense"]["ppl"].values())) if rec.get("dense") else None
+        for r in rec["rows"]:
+            if r.get("label") == "dense" and r.get("ppl"):
+                dense = next(iter(r["ppl"].values()))
+        for r in rec["rows"]:
+            name = row_name(r, variant) if r.get("label") != "dense" and r.get("ppl") else None
+            if name is None:
                 continue
-        else:
-            name = alloc
-        key = (rec["model"], r["pruner"]["name"], r["target_sparsity"], proto["nsamples"],
-               proto["seqlen"], proto.get("eval_tokens"))
-        groups.setdefault(key, {"dense": dense, "source": path})[name] = \
-            next(iter(r["ppl"].values()))
-    return [{"key": k, **v} for k, v in groups.items()]
+            key = (rec["model"], r["pruner"]["name"], r["target_sparsity"], proto["nsamples"],
+                   proto["seqlen"], proto.get("eval_tokens"), bool(proto.get("bos_per_window")))
+            g = groups.setdefault(key, {"dense": None, "sources": []})
+            g["dense"] = g["dense"] or dense
+            if path not in g["sources"]:
+                g["sources"].append(path)
+            ppl = next(iter(r["ppl"].values()))
+            if name in g and not math.isclose(g[name], ppl, rel_tol=1e-6):
+                print(f"<!-- warning: {key} {name}: {g[name]:.4f} kept, {ppl:.4f} in {path} "
+                      f"differs (a setting not filtered on, e.g. absorb_nsamples) -->")
+            g.setdefault(name, ppl)
+    return groups
+
+
+def render(groups: dict[tuple, dict], all_groups: bool = False) -> str:
+    if not all_groups:  # only settings with at least one corrected row
+        groups = {k: g for k, g in groups.items() if any(c.endswith("+absorb") for c in g)}
+    cols = [c for c in COLUMNS if any(c in g for g in groups.values())]
+    lines = ["| model | pruner | sparsity | calib x len / eval tokens | dense | " + " | ".join(cols)
+             + " |", "|---" * (5 + len(cols)) + "|"]
+    changes: list[float] = []
+    for key in sorted(groups):
+        g = groups[key]
+        model, pruner, s, n, seqlen, tok, bos = key
+        cells = []
+        for c in cols:
+            v, base = g.get(c), g.get(c.removesuffix("+absorb"))
+            if v is None:
+                cells.append("-")
+            elif c.endswith("+absorb") and base:
+                changes.append(v / base - 1)
+                cells.append(f"{v:.1f} ({v / base - 1:+.1%})")
+            else:
+                cells.append(f"{v:.1f}")
+        dense = f"{g['dense']:.2f}" if g["dense"] else "-"
+        proto = f"{n} x {seqlen} / {tok}" + (" (BOS)" if bos else "")
+        lines.append(f"| {model} | {pruner} | {s:.0%} | {proto} | {dense} | "
+                     + " | ".join(cells) + " |")
+    if changes:
+        mean = sum(changes) / len(changes)
+        median = sorted(changes)[len(changes) // 2] if len(changes) % 2 else \
+            sum(sorted(changes)[len(changes) // 2 - 1: len(changes) // 2 + 1]) / 2
+        lines.append(f"\nMean change of +absorb against its base over {len(changes)} pairs: "
+                     f"{mean:+.1%} (median {median:+.1%}; improved in "
+                     f"{sum(c < 0 for c in changes)} of {len(changes)}).")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("files", nargs="+")
-    ap.add_argument("--absorb-label", action="append", default=[],
-                    help="LABEL=owl+absorb: a sweep row to use as that +absorb row")
+    ap.add_argument("--mode", default=_DEFAULTS.absorb_mode, help="absorb_mode of +absorb rows")
+    ap.add_argument("--final", default=_DEFAULTS.absorb_final, help="absorb_final of +absorb rows")
+    ap.add_argument("--gamma", default=str(_DEFAULTS.absorb_gamma),
+                    help="absorb_gamma of +absorb rows (a number or auto)")
+    ap.add_argument("--absorb-nsamples", type=int, default=None,
+                    help="only +absorb rows whose probe used this many sequences")
+    ap.add_argument("--all", action="store_true",
+                    help="also settings without a +absorb row (baselines only)")
     args = ap.parse_args()
-    absorb_labels = {"owl+absorb prune g=.04": "owl+absorb",
-                     "alpha+absorb prune g=.04": "alpha+absorb"}
-    for item in args.absorb_label:
-        label, _, name = item.partition("=")
-        absorb_labels[label] = name
-    entries = [e for f in args.files for e in _rows_of(f, absorb_labels)]
-    entries.sort(key=lambda e: (e["key"][0], e["key"][1], e["key"][2]))
-    print("| model | pruner | sparsity | calib x len / eval tokens | dense | uniform | owl | "
-          "owl+absorb | alpha | alpha+absorb |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    changes = []
-
-    def cell(e, name):
-        v = e.get(name)
-        if v is None:
-            return "-"
-        base = name.removesuffix("+absorb")
-        if name.endswith("+absorb") and e.get(base):
-            c = v / e[base] - 1
-            changes.append(c)
-            return f"{v:.1f} ({c:+.1%})"
-        return f"{v:.1f}"
-
-    for e in entries:
-        model, pruner, s, n, L, tok = e["key"]
-        dense = f"{e['dense']:.2f}" if e.get("dense") else "-"
-        cells = [cell(e, name) for name in
-                 ("uniform", "owl", "owl+absorb", "alpha", "alpha+absorb")]
-        print(f"| {model} | {pruner} | {s:.0%} | {n} x {L} / {tok} | {dense} | "
-              + " | ".join(cells) + " |")
-    if changes:
-        print(f"\nMean change of +absorb against its base over {len(changes)} pairs: "
-              f"{sum(changes) / len(changes):+.1%} (improved in "
-              f"{sum(c < 0 for c in changes)} of {len(changes)}).")
+    gamma: float | str = args.gamma
+    try:
+        gamma = float(args.gamma)
+    except ValueError:
+        pass
+    variant = {"absorb_mode": args.mode, "absorb_final": args.final, "absorb_gamma": gamma}
+    if args.absorb_nsamples is not None:
+        variant["absorb_nsamples"] = args.absorb_nsamples
+    print(render(collect(args.files, variant), args.all))
 
 
 if __name__ == "__main__":
