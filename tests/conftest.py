@@ -26,3 +26,17 @@ def wikitext_dir() -> Path:
     if d is None:
         pytest.skip("no WikiText-2 copy in ../shared/data or $SPARSEALLOC_DATA")
     return d
+
+
+@pytest.fixture(autouse=True)
+def _private_result_cache(tmp_path_factory, monkeypatch):
+    """Derived results (absorption coefficients, spectra) go to a per-test folder, not the user's
+    cache; downloaded models and data still come from $SPARSEALLOC_CACHE."""
+    from sparsealloc.session import Session
+
+    root = tmp_path_factory.mktemp("result-cache")
+
+    def cache_dir(self, kind: str) -> Path:
+        return root / kind / self.model_id.replace("/", "__").replace(":", "_")
+
+    monkeypatch.setattr(Session, "cache_dir", cache_dir)
