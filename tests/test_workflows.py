@@ -238,3 +238,24 @@ def test_compare_report_with_zero_shot_only(tmp_path):
     assert "perplexity" not in md and "first 50 documents" in md
     assert "+2.00" in md and "Mean zero-shot change of +absorb against its base: +2.00" in md
     assert plot_compare(rows, tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_compare_zero_shot_change_has_a_paired_standard_error():
+    from sparsealloc.compare import _relative_changes, _summary, render_markdown
+
+    def row(alloc, correct):
+        acc = correct.count("1") / len(correct)
+        return {"label": alloc, "allocation": alloc, "target_sparsity": 0.7,
+                "pruner": {"name": "wanda"}, "block_sparsity": [0.7], "ppl_main": None,
+                "zeroshot": {"boolq": {"acc": acc, "correct": correct}}, "zeroshot_mean": acc,
+                "zeroshot_protocol": {"limit": 4, "mean_over": ["boolq"]}}
+
+    rows = [row("owl", "0101"), row("owl+absorb", "1101")]  # one document flips to right
+    _relative_changes(rows)
+    assert rows[1]["zeroshot_change_points"] == pytest.approx(25.0)
+    assert rows[1]["zeroshot_change_se_points"] == pytest.approx(100 * (0.75 / 3 / 4) ** 0.5)
+    record = {"model": "m", "pattern": "unstructured", "dense": None, "rows": rows,
+              "summary": _summary(rows),
+              "protocol": {"nsamples": 4, "seqlen": 32, "calib": "c4", "seed": 0,
+                           "eval_seqlen": 32, "eval_tokens": None}}
+    assert "+25.00 ± 25.00" in render_markdown(record)

@@ -204,10 +204,14 @@ def test_two_task_run_offline_on_tiny_model(monkeypatch):
         assert row["metric"] == "acc"
         assert row["chance"] == TASKS[name].chance
         assert row["acc_stderr"] is not None and row["acc_stderr"] >= 0
+        # the per-document record behind the paired standard errors agrees with acc
+        assert len(row["correct"]) == 8 and set(row["correct"]) <= {"0", "1"}
+        assert math.isclose(row["correct"].count("1") / 8, row["acc"])
     assert 0.0 <= out["zeroshot"]["arc_easy"]["acc_norm"] <= 1.0
     assert "acc_norm" not in out["zeroshot"]["boolq"]
     mean = (out["zeroshot"]["arc_easy"]["acc"] + out["zeroshot"]["boolq"]["acc"]) / 2
     assert math.isclose(out["zeroshot_mean"], mean)
+    assert out["zeroshot_mean_stderr"] > 0
     proto = out["zeroshot_protocol"]
     assert proto["harness"] == "lm-eval 0.4.13"
     assert proto["num_fewshot"] == 0 and proto["limit"] == 8
@@ -222,3 +226,26 @@ def test_fewshot_offline_is_refused():
 
     with pytest.raises(UserError, match="num_fewshot"):
         evaluate_zeroshot(None, None, ["boolq"], num_fewshot=5)
+
+
+def test_paired_change_hand_computed():
+    from sparsealloc.evaluation.paired import mean_stderr, paired_change, paired_task
+
+    # differences 1,0,0,-1 ... : mean 0.25 on task x; variance of d over 4 docs
+    mean, var, n = paired_task("1101", "0100")
+    d = [1, 0, 0, 1]
+    m = sum(d) / 4
+    assert (mean, n) == (m, 4)
+    assert math.isclose(var, sum((x - m) ** 2 for x in d) / 3 / 4)
+    a = {"x": {"correct": "1101"}, "y": {"correct": "11"}}
+    b = {"x": {"correct": "0100"}, "y": {"correct": "11"}}
+    out = paired_change(a, b)
+    assert math.isclose(out["points"], 100 * (0.5 + 0.0) / 2)
+    assert math.isclose(out["se_points"], 100 * math.sqrt(var + 0.0) / 2)
+    assert out["documents"] == 6
+    assert paired_change(a, {"x": {"acc": 0.5}, "y": {"acc": 1.0}}) is None  # no record
+    with pytest.raises(ValueError, match="same documents"):
+        paired_task("101", "10")
+    assert math.isclose(mean_stderr({"x": {"acc_stderr": 0.03}, "y": {"acc_stderr": 0.04}}),
+                        0.05 / 2)
+    assert mean_stderr({"x": {"acc_stderr": None}}) is None

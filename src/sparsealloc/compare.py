@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .allocate import AllocationOptions, compute_allocation
 from .allocation import parse_allocation_spec
+from .evaluation.paired import paired_change
 from .io import write_json, write_text
 from .pipeline import EvalRequest, base_record, evaluate, peak_rss_mb, prepare_run_dir, prune_with
 from .protocol import Protocol, check_sparsity
@@ -102,6 +103,10 @@ def _relative_changes(rows: list[dict]) -> None:
             r["ppl_change"] = r["ppl_main"] / base["ppl_main"] - 1.0
         if "zeroshot_mean" in r and "zeroshot_mean" in base:
             r["zeroshot_change_points"] = 100 * (r["zeroshot_mean"] - base["zeroshot_mean"])
+            paired = paired_change(r["zeroshot"], base["zeroshot"],
+                                   r.get("zeroshot_protocol", {}).get("mean_over"))
+            if paired is not None:  # same documents: the paired standard error of the change
+                r["zeroshot_change_se_points"] = paired["se_points"]
 
 
 def _summary(rows: list[dict]) -> dict:
@@ -112,6 +117,13 @@ def _summary(rows: list[dict]) -> dict:
         "mean_zeroshot_change_points_absorb_vs_base": sum(zs) / len(zs) if zs else None,
         "pairs": len(ppl),
     }
+
+
+def _points(r: dict) -> str:
+    if "zeroshot_change_points" not in r:
+        return ""
+    se = r.get("zeroshot_change_se_points")
+    return f"{r['zeroshot_change_points']:+.2f}" + (f" ± {se:.2f}" if se is not None else "")
 
 
 def _fmt(v, spec: str = ".2f") -> str:
@@ -145,7 +157,7 @@ def render_markdown(record: dict) -> str:
     if corpora:
         head.append("vs base (ppl)")
     if has_zs:
-        head += ["zero-shot mean", "vs base (points)"]
+        head += ["zero-shot mean", "vs base (points ± paired s.e.)"]
     head.append("sparsity per block (min-max)")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -154,8 +166,7 @@ def render_markdown(record: dict) -> str:
             cells.append(f"{r['ppl_change']:+.2%}" if "ppl_change" in r else "")
         if has_zs:
             cells.append(_fmt(r.get("zeroshot_mean"), ".4f"))
-            cells.append(f"{r['zeroshot_change_points']:+.2f}"
-                         if "zeroshot_change_points" in r else "")
+            cells.append(_points(r))
         bs = r.get("block_sparsity")
         cells.append(f"{min(bs):.3f}-{max(bs):.3f}" if bs else "")
         lines.append("| " + " | ".join(cells) + " |")

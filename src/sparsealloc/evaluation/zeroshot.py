@@ -23,6 +23,8 @@ from typing import Any
 
 from ..data.tasks import DATA_SOURCE, TASKS, export_tasks, validate_task_names
 from ..errors import UserError, check
+from ..progress import progress_bar
+from .paired import mean_stderr
 
 BOOTSTRAP_ITERS = 1000  # only non-mean metrics (lambada perplexity) bootstrap their stderr
 
@@ -95,7 +97,7 @@ def evaluate_zeroshot(
                     num_fewshot=num_fewshot,
                     limit=limit,
                     task_manager=manager,
-                    log_samples=False,
+                    log_samples=True,  # per-document correctness for paired comparisons
                     bootstrap_iters=BOOTSTRAP_ITERS,
                     random_seed=seed,
                     numpy_random_seed=seed,
@@ -116,6 +118,7 @@ def evaluate_zeroshot(
     return {
         "zeroshot": per_task,
         "zeroshot_mean": sum(accs) / len(accs),
+        "zeroshot_mean_stderr": mean_stderr(per_task, names),
         "zeroshot_protocol": {
             "harness": f"lm-eval {harness}",
             "num_fewshot": num_fewshot,
@@ -150,6 +153,9 @@ def _task_result(name: str, out: dict[str, Any], seconds: float) -> dict[str, An
     row["acc_stderr"] = metric("acc_stderr")
     if (ppl := metric("perplexity")) is not None:
         row["perplexity"] = ppl
+    samples = sorted(out.get("samples", {}).get(name, []), key=lambda x: x["doc_id"])
+    if samples and all(spec.metric in x for x in samples):
+        row["correct"] = "".join("1" if float(x[spec.metric]) > 0.5 else "0" for x in samples)
     counts = out.get("n-samples", {}).get(name, {})
     row["n"] = int(counts.get("effective", 0))
     row["n_total"] = int(counts.get("original", spec.rows))
@@ -160,11 +166,6 @@ def _task_result(name: str, out: dict[str, Any], seconds: float) -> dict[str, An
 
 
 def _task_bar(names: list[str], progress: bool) -> Iterator[str]:
-    try:
-        from ..progress import progress_bar
-    except ImportError:  # pragma: no cover - shared helper not there
-        yield from names
-        return
     bar = progress_bar(names, desc="zero-shot tasks", enable=progress, unit="task")
     yield from bar
 
