@@ -69,6 +69,9 @@ def test_compare_reuses_dense_statistics(tmp_path):
                for r in rec["rows"])
     md = (out / "compare.md").read_text()
     assert "owl+absorb" in md and "vs base" in md
+    by = rec["summary"]["by_setting"]  # a grid: the means per pruner and sparsity too
+    assert set(by) == {"wanda 50%", "wanda 70%"} and all(v["pairs"] == 2 for v in by.values())
+    assert "against its base (wanda 70%) over 2 pair(s)" in md
     assert (out / "compare.png").is_file()
     assert not (out / "compare.partial.json").exists()
 

@@ -110,13 +110,35 @@ def _relative_changes(rows: list[dict]) -> None:
 
 
 def _summary(rows: list[dict]) -> dict:
-    ppl = [r["ppl_change"] for r in rows if "ppl_change" in r]
-    zs = [r["zeroshot_change_points"] for r in rows if "zeroshot_change_points" in r]
-    return {
-        "mean_ppl_change_absorb_vs_base": sum(ppl) / len(ppl) if ppl else None,
-        "mean_zeroshot_change_points_absorb_vs_base": sum(zs) / len(zs) if zs else None,
-        "pairs": len(ppl),
-    }
+    def means(subset: list[dict]) -> dict:
+        ppl = [r["ppl_change"] for r in subset if "ppl_change" in r]
+        zs = [r["zeroshot_change_points"] for r in subset if "zeroshot_change_points" in r]
+        return {
+            "mean_ppl_change_absorb_vs_base": sum(ppl) / len(ppl) if ppl else None,
+            "mean_zeroshot_change_points_absorb_vs_base": sum(zs) / len(zs) if zs else None,
+            "pairs": max(len(ppl), len(zs)),
+        }
+
+    out = means(rows)
+    settings = sorted({(r["pruner"]["name"], r["target_sparsity"]) for r in rows})
+    if len(settings) > 1:  # a grid: the same means per pruner and sparsity
+        out["by_setting"] = {
+            f"{p} {s:.0%}": means([r for r in rows if (r["pruner"]["name"],
+                                                        r["target_sparsity"]) == (p, s)])
+            for p, s in settings}
+    return out
+
+
+def _summary_lines(s: dict, where: str) -> list[str]:
+    lines = []
+    ppl, zs = s["mean_ppl_change_absorb_vs_base"], s["mean_zeroshot_change_points_absorb_vs_base"]
+    if ppl is not None:
+        lines += ["", f"Mean relative perplexity change of +absorb against its base{where} over "
+                      f"{s['pairs']} pair(s): {ppl:+.2%}."]
+    if zs is not None:
+        lines += ["", f"Mean zero-shot change of +absorb against its base{where}: "
+                      f"{zs:+.2f} points."]
+    return lines
 
 
 def _points(r: dict) -> str:
@@ -171,10 +193,7 @@ def render_markdown(record: dict) -> str:
         cells.append(f"{min(bs):.3f}-{max(bs):.3f}" if bs else "")
         lines.append("| " + " | ".join(cells) + " |")
     s = record["summary"]
-    if s["pairs"]:
-        lines += ["", f"Mean relative perplexity change of +absorb against its base over "
-                      f"{s['pairs']} pair(s): {s['mean_ppl_change_absorb_vs_base']:+.2%}."]
-    if s["mean_zeroshot_change_points_absorb_vs_base"] is not None:
-        lines += ["", f"Mean zero-shot change of +absorb against its base: "
-                      f"{s['mean_zeroshot_change_points_absorb_vs_base']:+.2f} points."]
+    lines += _summary_lines(s, "")
+    for name, sub in (s.get("by_setting") or {}).items():
+        lines += _summary_lines(sub, f" ({name})")
     return "\n".join(lines) + "\n"
