@@ -55,6 +55,7 @@ def row_name(row: dict, variant: dict) -> str | None:
 
 def collect(paths: list[str], variant: dict) -> dict[tuple, dict]:
     groups: dict[tuple, dict] = {}
+    dense_of: dict[tuple, float] = {}  # dense perplexity depends on the evaluation windows only
     for path in paths:
         rec = json.load(open(path))
         proto = rec["protocol"]
@@ -62,14 +63,17 @@ def collect(paths: list[str], variant: dict) -> dict[tuple, dict]:
         for r in rec["rows"]:
             if r.get("label") == "dense" and r.get("ppl"):
                 dense = next(iter(r["ppl"].values()))
+        eval_key = (rec["model"], proto.get("eval_seqlen"), proto.get("eval_tokens"),
+                    bool(proto.get("bos_per_window")))
+        if dense is not None:
+            dense_of.setdefault(eval_key, dense)
         for r in rec["rows"]:
             name = row_name(r, variant) if r.get("label") != "dense" and r.get("ppl") else None
             if name is None:
                 continue
             key = (rec["model"], r["pruner"]["name"], r["target_sparsity"], proto["nsamples"],
                    proto["seqlen"], proto.get("eval_tokens"), bool(proto.get("bos_per_window")))
-            g = groups.setdefault(key, {"dense": None, "sources": []})
-            g["dense"] = g["dense"] or dense
+            g = groups.setdefault(key, {"dense": None, "eval_key": eval_key, "sources": []})
             if path not in g["sources"]:
                 g["sources"].append(path)
             ppl = next(iter(r["ppl"].values()))
@@ -77,6 +81,8 @@ def collect(paths: list[str], variant: dict) -> dict[tuple, dict]:
                 print(f"<!-- warning: {key} {name}: {g[name]:.4f} kept, {ppl:.4f} in {path} "
                       f"differs (a setting not filtered on, e.g. absorb_nsamples) -->")
             g.setdefault(name, ppl)
+    for g in groups.values():
+        g["dense"] = dense_of.get(g.pop("eval_key"))
     return groups
 
 
