@@ -92,7 +92,7 @@ def render(groups: dict[tuple, dict], all_groups: bool = False) -> str:
     cols = [c for c in COLUMNS if any(c in g for g in groups.values())]
     lines = ["| model | pruner | sparsity | calib x len / eval tokens | dense | " + " | ".join(cols)
              + " |", "|---" * (5 + len(cols)) + "|"]
-    changes: list[float] = []
+    changes: dict[tuple, list[float]] = {}
     for key in sorted(groups):
         g = groups[key]
         model, pruner, s, n, seqlen, tok, bos = key
@@ -102,7 +102,7 @@ def render(groups: dict[tuple, dict], all_groups: bool = False) -> str:
             if v is None:
                 cells.append("-")
             elif c.endswith("+absorb") and base:
-                changes.append(v / base - 1)
+                changes.setdefault((pruner, s), []).append(v / base - 1)
                 cells.append(f"{v:.1f} ({v / base - 1:+.1%})")
             else:
                 cells.append(f"{v:.1f}")
@@ -111,13 +111,20 @@ def render(groups: dict[tuple, dict], all_groups: bool = False) -> str:
         lines.append(f"| {model} | {pruner} | {s:.0%} | {proto} | {dense} | "
                      + " | ".join(cells) + " |")
     if changes:
-        mean = sum(changes) / len(changes)
-        median = sorted(changes)[len(changes) // 2] if len(changes) % 2 else \
-            sum(sorted(changes)[len(changes) // 2 - 1: len(changes) // 2 + 1]) / 2
-        lines.append(f"\nMean change of +absorb against its base over {len(changes)} pairs: "
-                     f"{mean:+.1%} (median {median:+.1%}; improved in "
-                     f"{sum(c < 0 for c in changes)} of {len(changes)}).")
+        lines.append("")
+        lines.append(_mean_line("all settings", [c for v in changes.values() for c in v]))
+        if len(changes) > 1:
+            lines += [_mean_line(f"{p} {s:.0%}", v) for (p, s), v in sorted(changes.items())]
     return "\n".join(lines)
+
+
+def _mean_line(where: str, changes: list[float]) -> str:
+    ordered = sorted(changes)
+    k = len(ordered)
+    median = ordered[k // 2] if k % 2 else (ordered[k // 2 - 1] + ordered[k // 2]) / 2
+    return (f"- Mean change of +absorb against its base, {where}, over {k} pairs: "
+            f"{sum(changes) / k:+.1%} (median {median:+.1%}; improved in "
+            f"{sum(c < 0 for c in changes)} of {k}).")
 
 
 def main() -> None:

@@ -46,7 +46,7 @@ def test_rows_are_chosen_by_options_and_merged_across_files(tmp_path):
     assert g["dense"] == 10.0 and g["sources"] == [a, b]
     text = grid_table.render(groups)
     assert "80.0 (-20.0%)" in text and "132.0 (+10.0%)" in text
-    assert "over 2 pairs: -5.0%" in text
+    assert "all settings, over 2 pairs: -5.0%" in text
     damage = grid_table.collect([a], dict(default, absorb_final="damage"))
     assert next(iter(damage.values()))["owl+absorb"] == 60.0
 
