@@ -115,3 +115,22 @@ def test_parse_allocation_spec():
     for bad in ("", "owl+", "magic", "file:", "file+absorb"):
         with pytest.raises(UserError):
             parse_allocation_spec(bad)
+
+
+def test_damage_is_made_relative_before_the_clip():
+    """Raw damage (sqrt KL ~0.1-0.3) would sit below -ln 3 everywhere and clip flat."""
+    import math
+
+    from sparsealloc.allocation import absorption_correction
+    from sparsealloc.probe.absorption import relative_damage
+
+    raw = [0.3, 0.1, 0.12, 0.2]
+    rel = relative_damage(raw)
+    assert math.isclose(math.prod(rel), 1.0)
+    assert [round(a / b, 12) for a, b in zip(rel, rel[1:])] == \
+        [round(a / b, 12) for a, b in zip(raw, raw[1:])]
+    base = [0.7] * 4
+    flat = absorption_correction(base, raw, 0.04, 0.7)
+    assert max(flat) - min(flat) < 1e-9  # the bug this guards against: all clipped alike
+    fixed = absorption_correction(base, rel, 0.04, 0.7)
+    assert fixed[0] < 0.7 < fixed[1]  # the most damaging block is protected
