@@ -127,8 +127,8 @@ def test_damage_is_made_relative_before_the_clip():
     raw = [0.3, 0.1, 0.12, 0.2]
     rel = relative_damage(raw)
     assert math.isclose(math.prod(rel), 1.0)
-    assert [round(a / b, 12) for a, b in zip(rel, rel[1:])] == \
-        [round(a / b, 12) for a, b in zip(raw, raw[1:])]
+    assert [round(a / b, 12) for a, b in zip(rel, rel[1:], strict=False)] == \
+        [round(a / b, 12) for a, b in zip(raw, raw[1:], strict=False)]
     base = [0.7] * 4
     flat = absorption_correction(base, raw, 0.04, 0.7)
     assert max(flat) - min(flat) < 1e-9  # the bug this guards against: all clipped alike
