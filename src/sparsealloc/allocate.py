@@ -35,7 +35,8 @@ class AllocationOptions:
             block output), "norm" (after the final norm), "kl" (KL of the output
             distribution), "abs" (absolute gain: leaves out the dilution of an early error
             by a residual stream that grows with depth) or "damage" (sqrt KL when block l is
-            perturbed, not divided by the injected drift: total damage, a reference point
+            perturbed over its geometric mean across blocks, not divided by the injected
+            drift: total damage, a reference point
             rather than the seed's coefficient).
         absorb_mode: "prune" (default: block l pruned alone at the target sparsity with the
             chosen pruner, everything else dense -- the perturbation has the size and
