@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 
 from sparsealloc.allocate import AllocationOptions
+from sparsealloc.correction import parse_gamma
 
 BASES = ("uniform", "owl", "alpha")
 COLUMNS = ("uniform", "uniform+absorb", "owl", "owl+absorb", "alpha", "alpha+absorb")
@@ -119,9 +121,8 @@ def render(groups: dict[tuple, dict], all_groups: bool = False) -> str:
 
 
 def _mean_line(where: str, changes: list[float]) -> str:
-    ordered = sorted(changes)
-    k = len(ordered)
-    median = ordered[k // 2] if k % 2 else (ordered[k // 2 - 1] + ordered[k // 2]) / 2
+    k = len(changes)
+    median = statistics.median(changes)
     return (f"- Mean change of +absorb against its base, {where}, over {k} pairs: "
             f"{sum(changes) / k:+.1%} (median {median:+.1%}; improved in "
             f"{sum(c < 0 for c in changes)} of {k}).")
@@ -139,12 +140,8 @@ def main() -> None:
     ap.add_argument("--all", action="store_true",
                     help="also settings without a +absorb row (baselines only)")
     args = ap.parse_args()
-    gamma: float | str = args.gamma
-    try:
-        gamma = float(args.gamma)
-    except ValueError:
-        pass
-    variant = {"absorb_mode": args.mode, "absorb_final": args.final, "absorb_gamma": gamma}
+    variant = {"absorb_mode": args.mode, "absorb_final": args.final,
+               "absorb_gamma": parse_gamma(args.gamma)}
     if args.absorb_nsamples is not None:
         variant["absorb_nsamples"] = args.absorb_nsamples
     print(render(collect(args.files, variant), args.all))

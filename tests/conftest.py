@@ -30,13 +30,9 @@ def wikitext_dir() -> Path:
 
 @pytest.fixture(autouse=True)
 def _private_result_cache(tmp_path_factory, monkeypatch):
-    """Derived results (absorption coefficients, spectra) go to a per-test folder, not the user's
-    cache; downloaded models and data still come from $SPARSEALLOC_CACHE."""
-    from sparsealloc.session import Session
+    """Derived results (absorption coefficients, spectra: ``Session.cache_dir``) go to a per-test
+    folder, not the user's cache; downloaded models and data still come from $SPARSEALLOC_CACHE."""
+    import sparsealloc.session
 
     root = tmp_path_factory.mktemp("result-cache")
-
-    def cache_dir(self, kind: str) -> Path:
-        return root / kind / self.model_id.replace("/", "__").replace(":", "_")
-
-    monkeypatch.setattr(Session, "cache_dir", cache_dir)
+    monkeypatch.setattr(sparsealloc.session, "cache_root", lambda: root)
