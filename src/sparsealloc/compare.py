@@ -8,12 +8,23 @@ from pathlib import Path
 
 from .allocate import AllocationOptions, compute_allocation
 from .allocation import parse_allocation_spec
+from .errors import check
 from .evaluation.paired import paired_change
 from .io import write_json, write_text
-from .pipeline import EvalRequest, base_record, evaluate, peak_rss_mb, prepare_run_dir, prune_with
-from .protocol import Protocol, check_sparsity
-from .pruners import get_pruner
-from .pruners.masks import parse_pattern
+from .outputs import start_run_dir
+from .pipeline import (
+    EvalRequest,
+    base_record,
+    check_against_model,
+    check_inputs,
+    check_row,
+    evaluate,
+    mark_status,
+    peak_rss_mb,
+    prune_with,
+    warn,
+)
+from .protocol import Protocol
 from .report.plots import plot_compare
 from .session import Session
 
@@ -30,17 +41,22 @@ def run_compare(model: str, protocol: Protocol, *, sparsities: list[float], prun
                 options: AllocationOptions | None = None, request: EvalRequest | None = None,
                 out: str | Path | None = None, include_dense: bool = True,
                 progress: bool = True) -> dict:
-    """Run every (sparsity, pruner, allocation) row; write compare.json/.md/.png last."""
-    for s in sparsities:
-        check_sparsity(s)
-    for p in pruners:
-        get_pruner(p)
-    for a in allocations:
-        parse_allocation_spec(a)
-    parse_pattern(pattern)
+    """Run every (sparsity, pruner, allocation) row; write compare.json/.md/.png last.
+
+    A row whose pruned model has non-finite weights or perplexity is kept with
+    ``"status": "diverged"`` (and a warning line); the other rows go on.
+    """
+    check(bool(sparsities), "--sparsity is empty: give at least one value, e.g. --sparsity 0.7")
+    check(bool(pruners), "--pruner is empty: give at least one, e.g. --pruner wanda")
+    check(bool(allocations), "--allocations is empty: give at least one row, e.g. "
+          "--allocations uniform,owl")
+    specs = [check_row(s, p, pattern, a) for s in sparsities for p in pruners
+             for a in allocations]
     request = request or EvalRequest()
-    run_dir = prepare_run_dir(out)
+    check_inputs(protocol, request, out)
     session = Session(model, protocol, progress=progress)
+    check_against_model(session, specs, pattern)
+    run_dir = start_run_dir(out, "compare")
     rows: list[dict] = []
     dense = None
     if include_dense:
@@ -52,6 +68,9 @@ def run_compare(model: str, protocol: Protocol, *, sparsities: list[float], prun
                 rec = prune_with(session, p, pattern, alloc)
                 rec.update(evaluate(session, request))
                 rec["label"] = _label(rec)
+                why = mark_status(rec)
+                if why is not None:
+                    warn(f"row '{rec['label']}' diverged ({why}); kept with status diverged")
                 rows.append(rec)
                 if run_dir is not None:  # finished rows survive a crash, marked incomplete
                     write_json(run_dir / PARTIAL, _record(session, dense, rows, pattern,
@@ -99,6 +118,8 @@ def _relative_changes(rows: list[dict]) -> None:
         if base is None:
             continue
         r["base_row"] = base["label"]
+        if "diverged" in (r.get("status"), base.get("status")):
+            continue  # no relative change against or of a non-finite result
         if r.get("ppl_main") and base.get("ppl_main"):
             r["ppl_change"] = r["ppl_main"] / base["ppl_main"] - 1.0
         if "zeroshot_mean" in r and "zeroshot_mean" in base:
@@ -183,7 +204,8 @@ def render_markdown(record: dict) -> str:
     head.append("sparsity per block (min-max)")
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["label"]] + [_fmt(r.get("ppl", {}).get(c)) for c in corpora]
+        label = r["label"] + (" (diverged)" if r.get("status") == "diverged" else "")
+        cells = [label] + [_fmt(r.get("ppl", {}).get(c)) for c in corpora]
         if corpora:
             cells.append(f"{r['ppl_change']:+.2%}" if "ppl_change" in r else "")
         if has_zs:

@@ -33,11 +33,15 @@ def parse_gamma(text: float | str) -> float | str:
         gamma_grid(text)  # validates
         return text
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise UserError(
             f"--absorb-gamma must be a number, 'auto' or 'auto:g1,g2,...' (got {text!r})"
         ) from None
+    if not 0 <= value < 1:
+        raise UserError(f"--absorb-gamma must be in [0, 1) (got {text}): it is the largest "
+                        "sparsity shift; the correction's direction comes from the coefficients")
+    return value
 
 
 def is_auto(gamma: float | str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -9,6 +10,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .errors import UserError
+
+# Write failures a user causes and can fix (a read-only or full disk, no permission): one line.
+USER_WRITE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -26,21 +32,50 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def current_umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: Path, directory: bool = False) -> None:
+    """Give ``path`` the mode a plain ``open``/``mkdir`` would (mkstemp/mkdtemp use 0600/0700)."""
+    path.chmod((0o777 if directory else 0o666) & ~current_umask())
+
+
+def write_error(path: Path, exc: OSError) -> UserError:
+    """One line for a write the user can fix (read-only file system, no permission, full disk)."""
+    return UserError(f"cannot write {path}: {exc.strerror or exc}; choose a writable location")
+
+
 def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
     """Call ``writer(tmp_path)`` then rename the temporary file onto ``path``.
 
     The temporary file lives in the same folder (so the rename is atomic) and
-    keeps the target's suffix (so libraries that infer a format from it work).
+    keeps the target's suffix (so libraries that infer a format from it work). The finished
+    file gets the user's umask, like any other file they create.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}",
-                               dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}",
+                                   dir=path.parent)
+    except OSError as exc:
+        if exc.errno in USER_WRITE_ERRORS or isinstance(exc, FileExistsError | NotADirectoryError):
+            raise write_error(path, exc) from None
+        raise
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         writer(tmp_path)
+        apply_umask(tmp_path)
         os.replace(tmp_path, path)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        if exc.errno in USER_WRITE_ERRORS:
+            raise write_error(path, exc) from None
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise

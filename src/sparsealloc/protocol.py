@@ -4,7 +4,30 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .errors import check
+import torch
+
+from .errors import UserError, check
+
+
+def check_device(device: str) -> str:
+    """``--device``: ``cpu``, ``cuda`` or ``cuda:N`` that this torch build can use."""
+    text = str(device).strip()
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown --device {text!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return text
+    if dev.type != "cuda":
+        raise UserError(f"--device {text}: only cpu and cuda[:N] are supported")
+    if not torch.cuda.is_available():
+        why = ("this torch build has no CUDA support" if torch.version.cuda is None
+               else "no CUDA GPU is visible")
+        raise UserError(f"--device {text}: {why}; run with --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) "
+                        f"visible; use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return text
 
 
 @dataclass
@@ -25,6 +48,8 @@ class Protocol:
             BOS token followed by ``seqlen - 1`` text tokens. Off by default: the papers cut
             windows from one token stream, so only the first window has BOS. Models trained
             to always see BOS first (Gemma) score text far worse without it.
+        allow_long_seqlen: run with ``seqlen`` / ``eval_seqlen`` beyond the positions the model
+            was trained for (refused otherwise); recorded.
     """
 
     nsamples: int = 128
@@ -37,14 +62,33 @@ class Protocol:
     device: str = "cpu"
     batch_size: int = 1
     bos_per_window: bool = False
+    allow_long_seqlen: bool = False
 
     def __post_init__(self) -> None:
         check(self.nsamples >= 1, f"--nsamples must be at least 1 (got {self.nsamples})")
         check(self.seqlen >= 2, f"--seqlen must be at least 2 (got {self.seqlen})")
-        check(self.eval_tokens is None or self.eval_tokens >= 1,
-              f"--eval-tokens must be positive (got {self.eval_tokens})")
+        check(self.eval_seqlen is None or self.eval_seqlen >= 2,
+              f"--eval-seqlen must be at least 2 (got {self.eval_seqlen})")
         if self.eval_seqlen is None:
             self.eval_seqlen = self.seqlen
+        check(self.eval_tokens is None or self.eval_tokens >= self.eval_seqlen,
+              f"--eval-tokens {self.eval_tokens} is less than one perplexity window of "
+              f"{self.eval_seqlen} tokens (--eval-seqlen); give at least {self.eval_seqlen}")
+        check(self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})")
+        self.device = check_device(self.device)
+
+    def check_positions(self, max_positions: int | None, model: str) -> str | None:
+        """Refuse windows longer than the model's positions (a warning with allow_long_seqlen)."""
+        longest = max(self.seqlen, self.eval_seqlen or 0)
+        if max_positions is None or longest <= max_positions:
+            return None
+        which = "--seqlen" if self.seqlen >= (self.eval_seqlen or 0) else "--eval-seqlen"
+        message = (f"{which} {longest} exceeds the {max_positions} positions {model} was "
+                   f"trained for (max_position_embeddings)")
+        if not self.allow_long_seqlen:
+            raise UserError(f"{message}; use {which} {max_positions} or less, or pass "
+                            "--allow-long-seqlen to run anyway (recorded)")
+        return message + "; running anyway (--allow-long-seqlen)"
 
     def record(self) -> dict:
         d = asdict(self)
@@ -70,3 +114,10 @@ class EvalRequest:
     tasks: list[str] = field(default_factory=list)
     limit: int | None = None
     batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.limit is not None:
+            check(bool(self.tasks), "--limit applies to zero-shot tasks: give --tasks too, or "
+                  "drop --limit (perplexity size is set with --eval-tokens)")
+            check(self.limit >= 1, f"--limit must be at least 1 (got {self.limit})")
+        check(self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})")

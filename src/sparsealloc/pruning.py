@@ -80,3 +80,10 @@ def measured_sparsity(arch: Architecture) -> dict:
         zeros_total += z
         total += n
     return {"overall": zeros_total / total, "per_block": per_block}
+
+
+def nonfinite_blocks(arch: Architecture) -> list[int]:
+    """Blocks holding a NaN or infinite weight in a prunable layer (a diverged prune)."""
+    return [i for i in range(arch.num_blocks)
+            if any(not bool(torch.isfinite(weight_out_in(m)).all())
+                   for m in arch.linears(i).values())]

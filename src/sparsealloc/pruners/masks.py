@@ -20,6 +20,7 @@ from sparsealloc.errors import UserError
 __all__ = [
     "Pattern",
     "check_pattern_fits",
+    "check_pattern_target",
     "check_sparsity",
     "nm_mask",
     "parse_pattern",
@@ -67,6 +68,16 @@ class Pattern:
 
     def __str__(self) -> str:
         return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
+
+
+def check_pattern_target(pattern: Pattern, sparsity: float, option: str = "--sparsity") -> None:
+    """An N:M pattern prunes exactly n/m of every layer: refuse a different target sparsity."""
+    if pattern.is_nm and abs(sparsity - pattern.nm_sparsity) > 1e-9:
+        raise UserError(
+            f"--pattern {pattern} prunes {pattern.nm_sparsity:g} of every group of {pattern.m}, "
+            f"not {option} {sparsity:g}: pass {option} {pattern.nm_sparsity:g}, or drop "
+            "--pattern for unstructured pruning"
+        )
 
 
 def parse_pattern(text: str) -> Pattern:
