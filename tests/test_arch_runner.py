@@ -33,19 +33,48 @@ def test_runner_reproduces_model_hidden_states(arch):
     model = tiny_model(arch)
     ids = random_ids()
     runner = BlockRunner(model, progress=False)
+    ref: list[torch.Tensor] = []  # every block's own output in the model's forward
+
+    def keep(_module, _inputs, output):
+        ref.append((output if isinstance(output, torch.Tensor) else output[0]).detach())
+
+    handles = [b.register_forward_hook(keep) for b in runner.arch.blocks]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in handles:
+        h.remove()
     acts = runner.capture(ids, batch_size=2)
     assert len(acts.hidden) == 2 and acts.hidden[0].shape[0] == 2
     for _ in runner.sequential(acts):
         pass
-    got = torch.cat(acts.hidden)
-    with torch.no_grad():
-        ref = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
-    # hidden_states[-1] is after the final norm for most models: apply it to ours
-    norm = runner.arch.final_norm
-    with torch.no_grad():
-        got_normed = norm(got)
-    assert torch.allclose(got_normed, ref[-1], atol=1e-4) or torch.allclose(got, ref[-1], atol=1e-4)
+    assert torch.allclose(torch.cat(acts.hidden), ref[-1], atol=1e-5)
     assert runner.block_forwards == ids.shape[0] * runner.num_blocks
+
+
+def test_runner_matches_every_block_output():
+    """Each block's output, not only the last one, equals the model's own (LLaMA and Gemma 3)."""
+    for arch in ("llama", "gemma3"):
+        model = tiny_model(arch)
+        ids = random_ids()
+        runner = BlockRunner(model, progress=False)
+        ref: list[torch.Tensor] = []
+
+        def keep(_m, _i, o, ref=ref):
+            ref.append((o if isinstance(o, torch.Tensor) else o[0]).detach())
+
+        handles = [b.register_forward_hook(keep) for b in runner.arch.blocks]
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+        for h in handles:
+            h.remove()
+        acts = runner.capture(ids, batch_size=ids.shape[0])
+        seen = 0
+        for index in runner.sequential(acts):
+            if index > 0:  # the input of block index is the model's output of block index - 1
+                assert torch.allclose(acts.hidden[0], ref[index - 1], atol=1e-5), (arch, index)
+                seen += 1
+        assert seen == runner.num_blocks - 1
+        assert torch.allclose(acts.hidden[0], ref[-1], atol=1e-5)
 
 
 def test_gemma3_blocks_get_their_own_masks():

@@ -64,8 +64,7 @@ def test_pattern_str_and_sparsity() -> None:
 
 
 def test_prune_count_guards_float_round_down() -> None:
-    assert 100 * 0.29 < 29  # the float trap the helper avoids
-    assert prune_count(100, 0.29) == 29
+    assert prune_count(100, 0.29) == 29  # int(100 * 0.29) would give 28
     assert prune_count(4096, 0.7) == 2867
     assert prune_count(10, 0.0) == 0
     assert prune_count(7, 0.5) == 3

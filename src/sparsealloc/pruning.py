@@ -53,18 +53,31 @@ def prune_block(
 
 def prune_sequential(
     runner: BlockRunner, acts: Activations, pruner: Pruner, block_sparsity: Sequence[float],
-    pattern: Pattern,
+    pattern: Pattern | Sequence[Pattern],
 ) -> None:
-    """Prune all blocks in order; block l sees the outputs of the pruned blocks before it."""
+    """Prune all blocks in order; block l sees the outputs of the pruned blocks before it.
+
+    ``pattern`` is one pattern for every block or one per block (mixed N:M). A block whose
+    sparsity is 0 under an unstructured pattern is left as it is (no statistics collected).
+    """
     if len(block_sparsity) != runner.num_blocks:
         raise ValueError(f"{len(block_sparsity)} sparsities for {runner.num_blocks} blocks")
+    patterns = [pattern] * runner.num_blocks if isinstance(pattern, Pattern) else list(pattern)
+    if len(patterns) != runner.num_blocks:
+        raise ValueError(f"{len(patterns)} patterns for {runner.num_blocks} blocks")
+
+    def prune(index: int) -> None:
+        s, p = float(block_sparsity[index]), patterns[index]
+        if p.is_nm or s > 0:
+            prune_block(runner, index, acts, pruner, s, p)
+
     first = next(iter(runner.arch.linears(0).values()))
     if pruner.make_stats(_as_linear(first)) is None:  # data-free (magnitude): no block passes
         for index in range(runner.num_blocks):
-            prune_block(runner, index, acts, pruner, float(block_sparsity[index]), pattern)
+            prune(index)
         return
     for index in runner.sequential(acts, desc=f"pruning ({pruner.name})"):
-        prune_block(runner, index, acts, pruner, float(block_sparsity[index]), pattern)
+        prune(index)
 
 
 def measured_sparsity(arch: Architecture) -> dict:

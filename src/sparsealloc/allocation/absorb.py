@@ -1,4 +1,5 @@
-"""Absorption-aware correction of any base allocation (reconstructed; see METHOD.md).
+"""Absorption-aware correction of any base allocation (reconstructed from the seed paper's
+abstract, arXiv 2606.15161; the body was not available).
 
 Given the absorption coefficients ``r_l`` (drift at the last block / drift at
 block ``l`` after a perturbation injected at ``l``; ``r > 1`` amplifies,
@@ -13,7 +14,7 @@ block ``l`` after a perturbation injected at ``l``; ``r > 1`` amplifies,
   mean == target; ``budget="shift"`` or ``"rescale"``, see :mod:`.budget`).
 
 Choice recorded here: with ``weights`` the centring ``mean(u)`` is the
-parameter-weighted mean (METHOD.md writes the plain mean; both agree when all
+parameter-weighted mean (a plain mean in the unweighted formula; both agree when all
 blocks have the same size).  This makes the correction budget-neutral before
 clipping, so without clipping the final shift of every block is exactly
 ``gamma * delta_l``.

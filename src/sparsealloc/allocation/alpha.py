@@ -27,7 +27,7 @@ Estimator (per weight matrix W, rows x cols):
   reproduces that behaviour (for typical LLM spectra, peak below ~1, the lower
   bound is negative and inactive, so candidates run from the smallest
   eigenvalue up to ``1.5 * p``); ``window_mode="literal"`` uses
-  ``[0.95 * p, 1.5 * p]`` as METHOD.md and the paper's text describe it.
+  ``[0.95 * p, 1.5 * p]`` as the paper's text (arXiv 2410.10912) describes it.
   If no candidate lies in the window (the reference would then return
   ``alpha = 0``), the unrestricted search is used instead.
 * ``"alpha_mid"`` (``fix_fingers="xmin_mid"``): ``xmin = eigs[N // 2]``.

@@ -160,7 +160,7 @@ def restore_budget(
     if not math.isfinite(target) or target < lo - TOL or target > hi + TOL:
         raise UserError(
             f"target sparsity {target} cannot be met with every block in [{lo}, {hi}]; "
-            f"lower the target or widen the bounds (--max-sparsity)"
+            f"lower the target sparsity"
         )
     target = min(max(target, lo), hi)
     x = x.clamp(lo, hi)

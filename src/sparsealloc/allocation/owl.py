@@ -18,7 +18,7 @@ and ``check_outlier_mean``):
   without the factor 2 and round; not reproduced here.)
 * Defaults: ``lambda = 0.08``; ``M`` is the caller's choice -- the reference
   argparse default is ``Hyper_m = 3``, its README / published 70% runs use
-  ``--Hyper_m 5 --Lamda 0.08``; METHOD.md fixes the project default M = 5.
+  ``--Hyper_m 5 --Lamda 0.08``; the project default is M = 5, as in those runs.
 
 Differences (all inactive at the published settings, S = 0.7, lambda = 0.08):
 

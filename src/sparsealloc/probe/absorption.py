@@ -49,7 +49,8 @@ def _cache_key(session: Session, config: ProbeConfig) -> str:
 def absorption_coefficients(session: Session, eta: float = 1e-2, final: str = "last",
                             mode: str = "noise", positions: str = "all", nsamples: int = 16,
                             draws: int = 1, scale: str = "state", pruner: str = "wanda",
-                            sparsity: float = 0.7, use_cache: bool = True) -> list[float]:
+                            sparsity: float = 0.7, pattern: str = "unstructured",
+                            use_cache: bool = True) -> list[float]:
     """r_l per block for one eta (or for the pruning perturbation when ``mode="prune"``).
 
     Cached on disk per model, configuration and protocol (``$SPARSEALLOC_CACHE/absorption``)
@@ -58,7 +59,7 @@ def absorption_coefficients(session: Session, eta: float = 1e-2, final: str = "l
     # every final (last, norm, kl, abs) comes from one probe, so switching --absorb-final is free
     config = ProbeConfig(etas=[eta], mode=mode, draws=draws, nsamples=nsamples,
                          positions=positions, scale=scale, kl=True,
-                         pruner=pruner, sparsity=sparsity)
+                         pruner=pruner, sparsity=sparsity, pattern=pattern)
     key = _cache_key(session, config)
     path = session.cache_dir("absorption") / f"{key}.json"
     result = session.cache.get(key)

@@ -8,7 +8,8 @@ averaged over tokens, then over sequences and draws (spread: std over sequences)
 Efficiency: the clean pass runs once; at block k every live perturbed stream (all
 injection blocks l < k, all etas, all draws) goes through block k in one batched
 forward, so no block before l is ever re-run for an injection at l. Cost in block
-forwards: N * (L + E * D * L (L + 1) / 2) for N sequences, E etas, D draws.
+forwards (noise mode): N * (L + E * D * L (L - 1) / 2) for N sequences, E etas, D draws (a
+stream injected at l goes through the L - 1 - l blocks after it).
 
 Modes:
 - ``noise``: h'_l = h_l + eta * s * g / ||g||, g ~ N(0, I) per token, with s = ||h_l||

@@ -18,6 +18,7 @@ from torch import Tensor
 from sparsealloc.errors import UserError
 
 __all__ = [
+    "UNSTRUCTURED",
     "Pattern",
     "check_pattern_fits",
     "check_pattern_target",
@@ -68,6 +69,9 @@ class Pattern:
 
     def __str__(self) -> str:
         return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
+
+
+UNSTRUCTURED = Pattern("unstructured")
 
 
 def check_pattern_target(pattern: Pattern, sparsity: float, option: str = "--sparsity") -> None:

@@ -41,10 +41,6 @@ class InputNormStats:
         self.scaler_row.add_(torch.linalg.vector_norm(x, ord=2, dim=0).square_(), alpha=1 / total)
         self.nsamples = total
 
-    def free(self) -> None:
-        """Drop the accumulator."""
-        self.scaler_row = torch.zeros(0)
-
 
 def wanda_scores(W: Tensor, col_sq_norm_mean: Tensor) -> Tensor:
     """Wanda importance ``|W_ij| * sqrt(scaler_row_j)`` in float32.
