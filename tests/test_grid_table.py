@@ -1,15 +1,17 @@
-"""bench/grid_table.py picks rows by their recorded options, never by label."""
+"""``sparsealloc table`` picks rows by their recorded options, never by label."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-_SPEC = importlib.util.spec_from_file_location(
-    "grid_table", Path(__file__).resolve().parents[1] / "bench" / "grid_table.py")
-grid_table = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(grid_table)
+from sparsealloc.allocate import AllocationOptions
+from sparsealloc.report import tables
+
+DEFAULTS = AllocationOptions().record()
+
+
+def _collect(paths, variant):
+    return tables.collect(tables.read_records(paths), variant, DEFAULTS)
 
 
 def _row(spec, ppl, label=None, **opts):
@@ -40,19 +42,30 @@ def test_rows_are_chosen_by_options_and_merged_across_files(tmp_path):
     b = _file(tmp_path, "b.json", [_row("uniform", 120.0),
                                    _row("uniform+absorb", 132.0, absorb_gamma=0.04)])
     default = {"absorb_mode": "prune", "absorb_final": "last", "absorb_gamma": 0.04}
-    groups = grid_table.collect([a, b], default)
+    groups = _collect([a, b], default)
     (g,) = groups.values()
     assert g["owl"] == 100.0 and g["owl+absorb"] == 80.0 and g["uniform"] == 120.0
     assert g["dense"] == 10.0 and g["sources"] == [a, b]
-    text = grid_table.render(groups)
+    text = tables.render_grid(groups)
     assert "80.0 (-20.0%)" in text and "132.0 (+10.0%)" in text
     assert "all settings, over 2 pairs: -5.0%" in text
-    damage = grid_table.collect([a], dict(default, absorb_final="damage"))
+    damage = _collect([a], dict(default, absorb_final="damage"))
     assert next(iter(damage.values()))["owl+absorb"] == 60.0
 
 
 @pytest.mark.parametrize("all_groups, lines", [(False, 0), (True, 1)])
 def test_settings_without_a_corrected_row_are_hidden_by_default(tmp_path, all_groups, lines):
     a = _file(tmp_path, "a.json", [_row("uniform", 120.0)])
-    text = grid_table.render(grid_table.collect([a], {}), all_groups)
+    text = tables.render_grid(_collect([a], {}), all_groups)
     assert sum(line.startswith("| m |") for line in text.splitlines()) == lines
+
+
+def test_table_refuses_a_file_that_is_not_a_result(tmp_path):
+    from sparsealloc.errors import UserError
+
+    bad = tmp_path / "x.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(UserError, match="not a compare/sweep result file"):
+        tables.table([str(bad)])
+    with pytest.raises(UserError, match="no such result file"):
+        tables.table([str(tmp_path / "missing.json")])

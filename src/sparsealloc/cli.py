@@ -1,4 +1,4 @@
-"""Command-line interface: ``sparsealloc fetch|models|prune|eval|allocate|probe|compare``."""
+"""Command-line interface: ``sparsealloc fetch|models|prune|eval|allocate|probe|compare|table``."""
 
 from __future__ import annotations
 
@@ -384,6 +384,33 @@ def compare(
 
     typer.echo(render_markdown(record))
     typer.echo(f"wrote {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}")
+
+
+@app.command()
+def table(
+    files: Annotated[list[str], typer.Argument(help="compare.json (or older sweep) files")],
+    style: Annotated[str, typer.Option(help="grid: the paper's rows per (model, pruner, "
+                     "sparsity) across all files; rows: one table per file, rows by label")] =
+    "grid",
+    mode: Annotated[str, typer.Option(help="grid: absorb_mode of the +absorb rows")] = "prune",
+    final: Annotated[str, typer.Option(help="grid: absorb_final of the +absorb rows")] = "last",
+    gamma: Annotated[str, typer.Option(help="grid: absorb_gamma of the +absorb rows (a number "
+                     "or auto)")] = "0.04",
+    absorb_nsamples: Annotated[int | None, typer.Option(
+        help="grid: only +absorb rows whose probe used this many sequences")] = None,
+    all_settings: Annotated[bool, typer.Option(
+        "--all", help="grid: also settings without a +absorb row (baselines only)")] = False,
+) -> None:
+    """Markdown tables from result files: rows are picked by their recorded options."""
+    from .allocate import AllocationOptions
+    from .correction import parse_gamma
+    from .report.tables import table as render_table
+
+    variant = {"absorb_mode": mode, "absorb_final": final, "absorb_gamma": parse_gamma(gamma)}
+    if absorb_nsamples is not None:
+        variant["absorb_nsamples"] = absorb_nsamples
+    typer.echo(render_table(files, style=style, variant=variant,
+                            defaults=AllocationOptions().record(), all_groups=all_settings))
 
 
 def main() -> None:
