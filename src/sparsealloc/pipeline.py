@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import resource
-import time
 from pathlib import Path
 
 from . import __version__
 from .allocate import Allocation, AllocationOptions, compute_allocation
-from .allocation import parse_allocation_spec
+from .allocation import TUNED_BASES, parse_allocation_spec
 from .correction import is_auto
 from .io import write_json
 from .protocol import EvalRequest
 from .pruners import get_pruner
 from .pruners.masks import parse_pattern
-from .pruning import check_patterns, measured_sparsity, prune_sequential
+from .pruning import measured_sparsity
 from .session import Session
+from .tuning import prune_from_dense
 
 
 def peak_rss_mb() -> float:
@@ -68,16 +68,8 @@ def base_record(session: Session) -> dict:
 def prune_with(session: Session, pruner_name: str, pattern_text: str, alloc: Allocation,
                pruner_options: dict | None = None) -> dict:
     """Prune the session's model (from its dense weights) with ``alloc``; return the record."""
-    pruner = get_pruner(pruner_name, **(pruner_options or {}))
-    pattern = parse_pattern(pattern_text)
-    check_patterns(session.arch, pattern)
-    session.restore_dense()
-    acts = session.capture()
-    start = time.perf_counter()
-    with session.timed("prune"):
-        session.modified = True
-        prune_sequential(session.runner, acts, pruner, alloc.block_sparsity, pattern)
-    del acts
+    pruner, seconds = prune_from_dense(session, pruner_name, pattern_text, alloc.block_sparsity,
+                                       pruner_options)
     measured = measured_sparsity(session.arch)
     return {
         "pruner": pruner.config(),
@@ -88,7 +80,7 @@ def prune_with(session: Session, pruner_name: str, pattern_text: str, alloc: All
         "block_sparsity": alloc.block_sparsity,
         "measured_sparsity": measured["overall"],
         "measured_block_sparsity": measured["per_block"],
-        "prune_seconds": time.perf_counter() - start,
+        "prune_seconds": seconds,
     }
 
 
@@ -107,9 +99,10 @@ def run_prune(
     get_pruner(pruner)
     spec = parse_allocation_spec(allocation)
     run_dir = prepare_run_dir(out)
-    if session is None:  # one prune: no dense copy unless --absorb-gamma auto prunes repeatedly
-        auto = options is not None and is_auto(options.absorb_gamma)
-        session = Session(model, protocol, progress=progress, keep_dense=auto and spec.absorb)
+    if session is None:  # one prune: no dense copy unless a search (gamma auto, linear:auto)
+        auto = options is not None and is_auto(options.absorb_gamma) and spec.absorb
+        session = Session(model, protocol, progress=progress,
+                          keep_dense=auto or spec.base in TUNED_BASES)
     alloc = compute_allocation(session, allocation, sparsity, options, pruner, pattern)
     record = base_record(session)
     record.update(prune_with(session, pruner, pattern, alloc))

@@ -1,0 +1,71 @@
+"""Choosing a hyperparameter by pruning at each candidate and scoring held-out calibration text.
+
+Used by ``--absorb-gamma auto`` (the correction's gamma) and ``linear:auto`` (the slope of
+ATP's linear schedule). The score is the perplexity on the *tuning* slice of the calibration
+corpus (never the evaluation corpus); the model is restored to its dense weights afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from .errors import UserError
+from .evaluation.perplexity import perplexity
+from .pruners import Pruner, get_pruner
+from .pruners.masks import parse_pattern
+from .pruning import check_patterns, prune_sequential
+from .session import Session
+
+
+def tune_corpus(calib: str) -> tuple[str, str]:
+    """The held-out slice of the calibration corpus used to choose a hyperparameter."""
+    if calib in ("c4", "wiki"):
+        return calib, "tune"
+    if calib == "wikitext2":
+        return "wikitext2:validation", "eval"
+    raise UserError(
+        f"choosing a value on held-out text (--absorb-gamma auto, linear:auto) needs a "
+        f"calibration corpus with a held-out slice (c4, wiki or wikitext2), not '{calib}'; "
+        f"give a number instead, e.g. --absorb-gamma 0.02 or --allocation linear"
+    )
+
+
+def prune_from_dense(session: Session, pruner_name: str, pattern_text: str,
+                     block_sparsity: Sequence[float],
+                     pruner_options: dict | None = None) -> tuple[Pruner, float]:
+    """Prune the session's model from its dense weights; returns the pruner and the seconds."""
+    pruner = get_pruner(pruner_name, **(pruner_options or {}))
+    pattern = parse_pattern(pattern_text)
+    check_patterns(session.arch, pattern)
+    session.restore_dense()
+    acts = session.capture()
+    start = time.perf_counter()
+    with session.timed("prune"):
+        session.modified = True
+        prune_sequential(session.runner, acts, pruner, list(block_sparsity), pattern)
+    return pruner, time.perf_counter() - start
+
+
+def choose_on_tuning_slice(session: Session, label: str,
+                           candidates: Sequence[tuple[float, Sequence[float]]],
+                           pruner: str, pattern: str) -> tuple[float, list[dict]]:
+    """Prune with each ``(value, block_sparsity)`` and keep the value of lowest tuning perplexity.
+
+    Ties go to the value closest to 0. Returns the value and the curve
+    ``[{label: value, "tune_ppl": ...}, ...]``; the model is dense again afterwards.
+    """
+    if not candidates:
+        raise UserError(f"no {label} values to choose from; give at least one")
+    name, split = tune_corpus(session.protocol.calib)
+    windows = session.eval_ids(name, split)
+    curve = []
+    for value, block_sparsity in candidates:
+        prune_from_dense(session, pruner, pattern, block_sparsity)
+        with session.timed(f"{label}_search"):
+            ppl = perplexity(session.model, windows, session.protocol.device,
+                             progress=session.progress, desc=f"tune {label}={value:g}")["ppl"]
+        curve.append({label: value, "tune_ppl": ppl})
+    session.restore_dense()
+    best = min(curve, key=lambda c: (c["tune_ppl"], abs(c[label])))
+    return best[label], curve
