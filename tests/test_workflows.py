@@ -123,18 +123,18 @@ def test_auto_gamma_picks_zero_when_every_gamma_hurts(monkeypatch):
 
             return contextlib.nullcontext()
 
-    def fake_prune(session, pruner, pattern, alloc):
-        calls.append(alloc.block_sparsity)
-        return {}
+    def fake_prune(session, pruner, pattern, block_sparsity, target=None, spec=""):
+        calls.append(list(block_sparsity))
+        return None, 0.0, []
 
     def fake_ppl(model, windows, device, progress, desc):
         s = calls[-1]
         return {"ppl": 10.0 + 100 * abs(s[0] - 0.5)}  # any departure from uniform hurts
 
-    import sparsealloc.pipeline as pipeline
+    import sparsealloc.tuning as tuning
 
-    monkeypatch.setattr(pipeline, "prune_with", fake_prune)
-    monkeypatch.setattr(correction, "perplexity", fake_ppl)
+    monkeypatch.setattr(tuning, "prune_from_dense", fake_prune)
+    monkeypatch.setattr(tuning, "perplexity", fake_ppl)
     gamma, curve = correction.choose_gamma(FakeSession(), [0.5, 0.5, 0.5], [3.0, 1.0, 0.3], 0.5,
                                            AllocationOptions(), "wanda", "unstructured")
     assert gamma == 0.0

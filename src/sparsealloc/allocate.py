@@ -1,8 +1,10 @@
 """From an ``--allocation`` spec to one sparsity per block, using a Session's shared statistics.
 
 The pure formulas live in :mod:`sparsealloc.allocation`; this module gathers their inputs
-(OWL's outlier ratios from one dense calibration pass, AlphaPruning's spectra, absorption
-coefficients) from the Session, where each is computed once and reused.
+(OWL's outlier ratios and DLP's median scores from one dense calibration pass, LSA's
+reconstruction errors, AlphaPruning's spectra, absorption coefficients) from the Session,
+where each is computed once and reused. ``linear:auto`` chooses ATP's slope on the tuning
+slice (:mod:`sparsealloc.tuning`).
 """
 
 from __future__ import annotations
@@ -13,10 +15,15 @@ import torch
 
 from . import allocation as A
 from .errors import check
-from .models.arch import in_features
+from .models.arch import in_features, weight_out_in
+from .pruners.sparsegpt import HessianStats
 from .pruners.wanda import InputNormStats, wanda_scores
 from .runner import collect_inputs
 from .session import Session
+from .tuning import choose_on_tuning_slice, tune_corpus
+
+LINEAR_AUTO_SPANS = (0.0, 0.04, 0.08, 0.12, 0.16, 0.24, 0.32)
+"""``linear:auto`` candidates: total spans ``beta * (L - 1)`` (0 is uniform, 0.16 OWL's span)."""
 
 
 @dataclass
@@ -28,6 +35,15 @@ class AllocationOptions:
         owl_lambda: OWL lambda (sparsities span 2*lambda).
         alpha_eps: AlphaPruning epsilon (ratios in [1-eps, 1+eps]).
         linear_beta: slope per block of the linear schedule (None: 0.16 / (L-1), OWL's span).
+        linear_spans: total spans ``beta * (L-1)`` that ``linear:auto`` tries (0 always
+            added; spans over ATP's limit ``2 * min(S, 1 - S)`` dropped).
+        dlp_alpha: DLP alpha (sparsities span 2*alpha); the reference's 0.15.
+        dlp_statistic: DLP block statistic of the Wanda scores: "median" (the paper) or
+            "mean" (what the reference's unstructured code path computes).
+        lsa_alpha: LSA alpha (span 2*alpha); None: the reference's per-sparsity table
+            (0.15 at 70%).
+        lsa_block_size: LSA input-column group size (0: whole rows); the reference's 128.
+        lsa_ratio: share of each group LSA drops when measuring the error (``--resp``, 0.5).
         absorb_eta: relative noise magnitude for the absorption coefficients.
         absorb_gamma: largest sparsity shift of the correction (a number, or "auto").
         absorb_clip: bound on |ln r|.
@@ -56,6 +72,12 @@ class AllocationOptions:
     owl_lambda: float = 0.08
     alpha_eps: float = 0.3
     linear_beta: float | None = None
+    linear_spans: tuple[float, ...] = LINEAR_AUTO_SPANS
+    dlp_alpha: float = 0.15
+    dlp_statistic: str = "median"
+    lsa_alpha: float | None = None
+    lsa_block_size: int = 128
+    lsa_ratio: float = 0.5
     absorb_eta: float = 1e-2
     absorb_gamma: float | str = 0.04
     absorb_clip: float = 1.0986122886681098
@@ -130,6 +152,46 @@ def owl_ratios(session: Session, m: float) -> list[float]:
     return ratios
 
 
+def dlp_scores(session: Session, statistic: str) -> list[float]:
+    """DLP's per-block |median| (or |mean|) Wanda score on the dense model (cached)."""
+    key = f"dlp_scores:{statistic}"
+    if key not in session.cache:
+        norms = owl_input_norms(session)
+        scores = []
+        for index, block_norms in enumerate(norms):
+            weights = session.dense_weights(index)
+            block = [wanda_scores(weights[n], block_norms[n]) for n in weights]
+            scores.append(A.dlp_block_score(block, statistic))
+        session.cache[key] = scores
+    return session.cache[key]
+
+
+def lsa_errors(session: Session, block_size: int, ratio: float) -> list[float]:
+    """LSA's per-block mean reconstruction error on the dense model (one pass, cached)."""
+    key = f"lsa_errors:{block_size}:{ratio}"
+    if key in session.cache:
+        return session.cache[key]
+    session.restore_dense()
+    session.counters["lsa_stats_passes"] = session.counters.get("lsa_stats_passes", 0) + 1
+    acts = session.capture()
+    errors: list[float] = []
+    with session.timed("lsa_stats"):
+        for index in session.runner.sequential(acts, desc="LSA reconstruction errors"):
+            linears = session.arch.linears(index)
+            stats = {n: HessianStats(in_features(m), weight_out_in(m).device)
+                     for n, m in linears.items()}
+            with collect_inputs(linears, stats):
+                session.runner.run_block(index, acts)
+            per_linear = []
+            for n, m in linears.items():
+                per_linear.append(A.lsa_reconstruction_error(weight_out_in(m), stats[n].H,
+                                                             block_size, ratio))
+                stats[n].free()
+            errors.append(A.lsa_block_error(per_linear))
+    session.cache[key] = errors
+    return errors
+
+
 def alphas(session: Session) -> list[float]:
     key = "alphas"
     if key not in session.cache:
@@ -155,9 +217,37 @@ def base_allocation(session: Session, spec: A.AllocationSpec, target: float,
     if spec.base == "linear":
         beta = opts.linear_beta if opts.linear_beta is not None else 0.16 / max(L - 1, 1)
         return A.linear_allocation(L, target, beta, weights=w), None, None
+    if spec.base == "dlp":
+        m = dlp_scores(session, opts.dlp_statistic)
+        return A.dlp_allocation(m, target, opts.dlp_alpha, weights=w), m, \
+            f"{opts.dlp_statistic}_wanda_score"
+    if spec.base == "lsa":
+        e = lsa_errors(session, opts.lsa_block_size, opts.lsa_ratio)
+        return A.lsa_allocation(e, target, opts.lsa_alpha, weights=w), e, "reconstruction_error"
     if spec.base == "file":
         return A.file_allocation(spec.path, L), None, None
     raise AssertionError(spec.base)
+
+
+def linear_auto_betas(num_blocks: int, target: float, spans: tuple[float, ...]) -> list[float]:
+    """Slopes ``linear:auto`` tries: ``span / (L-1)`` for 0 and each span within ATP's limit."""
+    limit = 2.0 * min(target, 1.0 - target)
+    kept = sorted({0.0} | {float(x) for x in spans if 0.0 <= float(x) <= limit + 1e-12})
+    return [x / max(num_blocks - 1, 1) for x in kept]
+
+
+def linear_auto(session: Session, target: float, opts: AllocationOptions, pruner: str,
+                pattern: str) -> tuple[torch.Tensor, dict]:
+    """ATP's linear schedule with the slope of lowest perplexity on the tuning slice."""
+    L, w = session.arch.num_blocks, session.params_per_block
+    candidates = [(beta, A.linear_allocation(L, target, beta, weights=w).tolist())
+                  for beta in linear_auto_betas(L, target, opts.linear_spans)]
+    beta, curve = choose_on_tuning_slice(session, "beta", candidates, pruner, pattern)
+    for point in curve:
+        point["span"] = point["beta"] * (L - 1)
+    record = {"linear_beta_used": beta, "linear_span_used": beta * (L - 1), "beta_curve": curve,
+              "beta_tuned_on": "/".join(tune_corpus(session.protocol.calib))}
+    return A.linear_allocation(L, target, beta, weights=w), record
 
 
 def compute_allocation(session: Session, text: str, target: float,
@@ -166,11 +256,16 @@ def compute_allocation(session: Session, text: str, target: float,
     """Compute the allocation ``text`` (e.g. ``owl``, ``alpha+absorb``, ``file:s.json``)."""
     opts = opts or AllocationOptions()
     spec = A.parse_allocation_spec(text)
+    tuned: dict = {}
     with session.timed("allocation"):
-        base, scores, score_name = base_allocation(session, spec, target, opts)
+        if spec.base == "linear:auto":
+            base, tuned = linear_auto(session, target, opts, pruner, pattern)
+            scores, score_name = None, None
+        else:
+            base, scores, score_name = base_allocation(session, spec, target, opts)
     alloc = Allocation(
         spec=text, target_sparsity=target, block_sparsity=[float(x) for x in base],
-        scores=scores, score_name=score_name, options=_relevant_options(spec, opts),
+        scores=scores, score_name=score_name, options=_relevant_options(spec, opts, target) | tuned,
     )
     if spec.absorb:
         from .correction import apply_correction
@@ -180,10 +275,14 @@ def compute_allocation(session: Session, text: str, target: float,
     return alloc
 
 
-def _relevant_options(spec: A.AllocationSpec, opts: AllocationOptions) -> dict:
+def _relevant_options(spec: A.AllocationSpec, opts: AllocationOptions, target: float) -> dict:
     rec = opts.record()
-    keep = {"owl": ("owl_m", "owl_lambda"), "alpha": ("alpha_eps",), "linear": ("linear_beta",)}
+    keep = {"owl": ("owl_m", "owl_lambda"), "alpha": ("alpha_eps",), "linear": ("linear_beta",),
+            "linear:auto": ("linear_spans",), "dlp": ("dlp_alpha", "dlp_statistic"),
+            "lsa": ("lsa_alpha", "lsa_block_size", "lsa_ratio")}
     out = {k: rec[k] for k in keep.get(spec.base, ())}
+    if spec.base == "lsa" and opts.lsa_alpha is None:
+        out["lsa_alpha_used"] = A.lsa_default_alpha(target)
     if spec.base == "file":
         out["path"] = str(spec.path)
     if spec.absorb:

@@ -18,7 +18,7 @@ from .protocol import EvalRequest
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="Prune Hugging Face causal LMs with layer-wise sparsity allocation "
-    "(uniform, OWL, AlphaPruning, linear, file) and absorption-aware correction.",
+    "(uniform, OWL, AlphaPruning, DLP, LSA, linear, file) and absorption-aware correction.",
 )
 
 # ---------------------------------------------------------------- shared options
@@ -44,8 +44,8 @@ Out = Annotated[Path | None, typer.Option(help="run folder (result file written 
 Sparsity = Annotated[float, typer.Option(help="target mean sparsity in [0,1)")]
 Pruner = Annotated[str, typer.Option(help="magnitude, wanda or sparsegpt")]
 Pattern = Annotated[str, typer.Option(help="unstructured, 2:4, 4:8 or N:M")]
-Allocation = Annotated[str, typer.Option(help="uniform, owl, alpha, linear, file:PATH; "
-                       "add +absorb for the absorption correction")]
+Allocation = Annotated[str, typer.Option(help="uniform, owl, alpha, dlp, lsa, linear, "
+                       "linear:auto, file:PATH; add +absorb for the absorption correction")]
 Ppl = Annotated[str | None, typer.Option("--eval", "--ppl", help="perplexity corpora, comma "
                 "separated (wikitext2, c4, a file); '' for none (default: wikitext2, or none "
                 "when --tasks is given)")]
@@ -56,6 +56,16 @@ OwlM = Annotated[float, typer.Option(help="OWL outlier threshold M")]
 OwlLambda = Annotated[float, typer.Option(help="OWL lambda")]
 AlphaEps = Annotated[float, typer.Option(help="AlphaPruning epsilon")]
 LinearBeta = Annotated[float | None, typer.Option(help="linear schedule slope per block")]
+LinearSpans = Annotated[str, typer.Option(help="linear:auto: total spans beta*(L-1) to try, "
+                        "comma separated (0 always added)")]
+DlpAlpha = Annotated[float, typer.Option(help="DLP alpha (sparsities span 2*alpha)")]
+DlpStatistic = Annotated[str, typer.Option(help="DLP block statistic of the Wanda scores: "
+                         "median (the paper) or mean (the reference's unstructured code)")]
+LsaAlpha = Annotated[float | None, typer.Option(help="LSA alpha (span 2*alpha); default: the "
+                     "reference's per-sparsity table, 0.15 at 70%")]
+LsaBlockSize = Annotated[int, typer.Option(help="LSA input-column group size (0: whole rows)")]
+LsaRatio = Annotated[float, typer.Option(help="share of each group LSA drops to measure the "
+                     "reconstruction error")]
 AbsorbEta = Annotated[float, typer.Option(help="noise magnitude of the absorption probe")]
 AbsorbGamma = Annotated[str, typer.Option(
     help="largest sparsity shift; 'auto' chooses it from 0,0.02,0.04,0.08,0.12,0.16 on held-out "
@@ -108,17 +118,27 @@ def allocation_options(
     absorb_final: AbsorbFinal = "last", absorb_mode: AbsorbMode = "prune",
     absorb_budget: AbsorbBudget = "shift", absorb_positions: AbsorbPositions = "all",
     absorb_nsamples: AbsorbNSamples = 16, absorb_draws: AbsorbDraws = 1,
+    linear_spans: LinearSpans = "0,0.04,0.08,0.12,0.16,0.24,0.32", dlp_alpha: DlpAlpha = 0.15,
+    dlp_statistic: DlpStatistic = "median", lsa_alpha: LsaAlpha = None,
+    lsa_block_size: LsaBlockSize = 128, lsa_ratio: LsaRatio = 0.5,
 ):
     """Allocator and correction hyperparameters (``AllocationOptions``)."""
     from .allocate import AllocationOptions
     from .correction import parse_gamma
 
     gamma = parse_gamma(absorb_gamma)
+    spans = tuple(_floats(linear_spans, "--linear-spans", "0.08,0.16"))
+    if any(x < 0 or x >= 1 for x in spans):
+        raise UserError(f"--linear-spans must be in [0, 1), e.g. 0.08,0.16 (got {linear_spans!r})")
+    if lsa_block_size < 0 or not (0.0 < lsa_ratio <= 1.0):
+        raise UserError("--lsa-block-size must be >= 0 (0: whole rows) and --lsa-ratio in (0, 1], "
+                        f"got {lsa_block_size} and {lsa_ratio}")
     for name, value, allowed in (("--absorb-final", absorb_final,
                                   ("last", "norm", "kl", "abs", "damage")),
                                  ("--absorb-mode", absorb_mode, ("noise", "prune")),
                                  ("--absorb-budget", absorb_budget, ("shift", "rescale")),
-                                 ("--absorb-positions", absorb_positions, ("all", "skip-first"))):
+                                 ("--absorb-positions", absorb_positions, ("all", "skip-first")),
+                                 ("--dlp-statistic", dlp_statistic, ("median", "mean"))):
         if value not in allowed:
             raise UserError(f"{name} must be one of {', '.join(allowed)} (got {value!r})")
     return AllocationOptions(owl_m=owl_m, owl_lambda=owl_lambda, alpha_eps=alpha_eps,
@@ -126,7 +146,9 @@ def allocation_options(
                              absorb_clip=absorb_clip, absorb_final=absorb_final,
                              absorb_mode=absorb_mode, absorb_budget=absorb_budget,
                              absorb_positions=absorb_positions, absorb_nsamples=absorb_nsamples,
-                             absorb_draws=absorb_draws)
+                             absorb_draws=absorb_draws, linear_spans=spans, dlp_alpha=dlp_alpha,
+                             dlp_statistic=dlp_statistic, lsa_alpha=lsa_alpha,
+                             lsa_block_size=lsa_block_size, lsa_ratio=lsa_ratio)
 
 
 def eval_options(ppl: Ppl = None, tasks: Tasks = "", limit: Limit = None,

@@ -16,8 +16,11 @@ from dataclasses import replace
 
 from . import allocation as A
 from .errors import UserError
-from .evaluation.perplexity import perplexity
 from .session import Session
+from .tuning import choose_on_tuning_slice, tune_corpus
+
+__all__ = ["AUTO_GAMMAS", "apply_correction", "choose_gamma", "coefficients", "corrected",
+           "gamma_grid", "is_auto", "parse_gamma", "tune_corpus"]
 
 AUTO_GAMMAS = (0.0, 0.02, 0.04, 0.08, 0.12, 0.16)
 
@@ -87,39 +90,12 @@ def corrected(session: Session, base: list[float], r: list[float], gamma: float,
     return [float(x) for x in s]
 
 
-def tune_corpus(calib: str) -> tuple[str, str]:
-    """The held-out slice of the calibration corpus used to choose gamma."""
-    if calib in ("c4", "wiki"):
-        return calib, "tune"
-    if calib == "wikitext2":
-        return "wikitext2:validation", "eval"
-    raise UserError(
-        f"--absorb-gamma auto needs a calibration corpus with a held-out slice (c4, wiki or "
-        f"wikitext2), not '{calib}'; give a number instead, e.g. --absorb-gamma 0.02"
-    )
-
-
 def choose_gamma(session: Session, base: list[float], r: list[float], target: float, opts,
                  pruner: str, pattern: str,
                  gammas: tuple[float, ...] = AUTO_GAMMAS) -> tuple[float, list[dict]]:
     """Prune at every gamma and keep the one with the lowest tuning-slice perplexity."""
-    from .allocate import Allocation
-    from .pipeline import prune_with
-
-    name, split = tune_corpus(session.protocol.calib)
-    windows = session.eval_ids(name, split)
-    curve = []
-    for gamma in gammas:
-        alloc = Allocation(spec=f"gamma={gamma}", target_sparsity=target,
-                           block_sparsity=corrected(session, base, r, gamma, target, opts))
-        prune_with(session, pruner, pattern, alloc)
-        with session.timed("gamma_search"):
-            ppl = perplexity(session.model, windows, session.protocol.device,
-                             progress=session.progress, desc=f"tune gamma={gamma}")["ppl"]
-        curve.append({"gamma": gamma, "tune_ppl": ppl})
-    session.restore_dense()
-    best = min(curve, key=lambda c: (c["tune_ppl"], abs(c["gamma"])))
-    return best["gamma"], curve
+    candidates = [(gamma, corrected(session, base, r, gamma, target, opts)) for gamma in gammas]
+    return choose_on_tuning_slice(session, "gamma", candidates, pruner, pattern)
 
 
 def apply_correction(session: Session, alloc, opts, pruner: str = "wanda",

@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 import resource
 import sys
-import time
 from pathlib import Path
 
 from . import __version__
 from .allocate import Allocation, AllocationOptions, compute_allocation
-from .allocation import AllocationSpec, file_allocation, parse_allocation_spec
+from .allocation import TUNED_BASES, AllocationSpec, file_allocation, parse_allocation_spec
 from .allocation.nm import achieved_budget, check_levels_meet, nm_levels
 from .correction import is_auto
 from .data.corpora import check_corpus
@@ -20,10 +19,11 @@ from .outputs import check_out_dir, check_save_target, start_run_dir
 from .probe import ProbeConfig, run_probe
 from .protocol import EvalRequest, Protocol, check_sparsity
 from .pruners import get_pruner
-from .pruners.masks import UNSTRUCTURED, Pattern, check_pattern_target, parse_pattern
-from .pruning import check_patterns, measured_sparsity, nonfinite_blocks, prune_sequential
+from .pruners.masks import check_pattern_target, parse_pattern
+from .pruning import check_patterns, measured_sparsity, nonfinite_blocks
 from .report.plots import plot_allocations, plot_probe
 from .session import Session
+from .tuning import prune_from_dense
 
 
 class DivergedError(UserError):
@@ -124,32 +124,11 @@ def base_record(session: Session) -> dict:
     }
 
 
-def block_patterns(session: Session, pattern: Pattern, alloc: Allocation) -> list[Pattern]:
-    """One pattern per block: the pattern itself, or under N:M one N per block from ``alloc``
-    (mixed N:M, M fixed; see :mod:`sparsealloc.allocation.nm`)."""
-    if not pattern.is_nm:
-        return [pattern] * session.arch.num_blocks
-    levels = nm_levels(alloc.block_sparsity, pattern.m, session.params_per_block,
-                       target=alloc.target_sparsity)
-    check_levels_meet(levels, pattern.m, alloc.target_sparsity, session.params_per_block,
-                      alloc.spec)
-    return [Pattern("nm", n, pattern.m) if n > 0 else UNSTRUCTURED for n in levels]
-
-
 def prune_with(session: Session, pruner_name: str, pattern_text: str, alloc: Allocation) -> dict:
     """Prune the session's model (from its dense weights) with ``alloc``; return the record."""
-    pruner = get_pruner(pruner_name)
-    pattern = parse_pattern(pattern_text)
-    check_patterns(session.arch, pattern)
-    patterns = block_patterns(session, pattern, alloc)
-    sparsities = [p.nm_sparsity for p in patterns] if pattern.is_nm else alloc.block_sparsity
-    session.restore_dense()
-    acts = session.capture()
-    start = time.perf_counter()
-    with session.timed("prune"):
-        session.modified = True
-        prune_sequential(session.runner, acts, pruner, sparsities, patterns)
-    del acts
+    pruner, seconds, patterns = prune_from_dense(session, pruner_name, pattern_text,
+                                                 alloc.block_sparsity, alloc.target_sparsity,
+                                                 alloc.spec)
     measured = measured_sparsity(session.arch)
     bad = nonfinite_blocks(session.arch)
     record = {
@@ -162,8 +141,9 @@ def prune_with(session: Session, pruner_name: str, pattern_text: str, alloc: All
         "measured_sparsity": measured["overall"],
         "measured_block_sparsity": measured["per_block"],
         "nonfinite_blocks": bad,
-        "prune_seconds": time.perf_counter() - start,
+        "prune_seconds": seconds,
     }
+    pattern = parse_pattern(pattern_text)
     if pattern.is_nm:  # what the levels could honour of the allocation
         record["block_pattern"] = [str(p) if p.is_nm else "dense" for p in patterns]
         record["nm_budget"] = achieved_budget([p.n for p in patterns], pattern.m,
@@ -190,9 +170,10 @@ def run_prune(
     check_inputs(protocol, request, out)
     if save is not None:
         check_save_target(save, overwrite)
-    if session is None:  # one prune: no dense copy unless --absorb-gamma auto prunes repeatedly
-        auto = options is not None and is_auto(options.absorb_gamma)
-        session = Session(model, protocol, progress=progress, keep_dense=auto and spec.absorb)
+    if session is None:  # one prune: no dense copy unless a search (gamma auto, linear:auto)
+        auto = options is not None and is_auto(options.absorb_gamma) and spec.absorb
+        session = Session(model, protocol, progress=progress,
+                          keep_dense=auto or spec.base in TUNED_BASES)
     check_against_model(session, [spec], pattern)
     run_dir = start_run_dir(out, "prune")
     alloc = compute_allocation(session, allocation, sparsity, options, pruner, pattern)

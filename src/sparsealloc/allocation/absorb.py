@@ -34,7 +34,9 @@ from ..errors import UserError
 from .budget import as_vector, check_target, check_weights, restore_budget
 
 DEFAULT_CLIP = math.log(3.0)
-BASES = ("uniform", "owl", "alpha", "linear", "file")
+BASES = ("uniform", "owl", "alpha", "linear", "linear:auto", "dlp", "lsa", "file")
+TUNED_BASES = ("linear:auto",)
+"""Bases whose allocation is chosen by pruning and scoring the tuning slice."""
 ABSORB_SUFFIX = "+absorb"
 _ZERO = 1e-12
 
@@ -112,14 +114,15 @@ class AllocationSpec(NamedTuple):
 def parse_allocation_spec(text: str) -> AllocationSpec:
     """Parse ``"owl"``, ``"alpha+absorb"``, ``"file:PATH"``, ``"file:PATH+absorb"``, ...
 
-    Bases: uniform, owl, alpha, linear, file:PATH.  A trailing ``+absorb``
+    Bases: uniform, owl, alpha, linear, linear:auto, dlp, lsa, file:PATH.  A trailing ``+absorb``
     adds the absorption correction.  Names are case-insensitive; the path is
     kept verbatim (it may itself contain ``+``).
     """
     raw = str(text).strip()
     absorb = raw.lower().endswith(ABSORB_SUFFIX)
     core = raw[: -len(ABSORB_SUFFIX)] if absorb else raw
-    choices = "uniform, owl, alpha, linear, file:PATH (optionally followed by +absorb)"
+    choices = ("uniform, owl, alpha, linear, linear:auto, dlp, lsa, file:PATH (optionally "
+               "followed by +absorb)")
     if core.lower().startswith("file:"):
         path = core[len("file:"):].strip()
         if not path:
