@@ -165,7 +165,10 @@ def _print_result(record: dict) -> None:
     console = Console()
     ppl = ", ".join(f"{k} {v:.2f}" for k, v in record.get("ppl", {}).items())
     if "measured_sparsity" in record:
-        console.print(f"measured sparsity {record['measured_sparsity']:.4f}")
+        line = f"measured sparsity {record['measured_sparsity']:.4f}"
+        if "block_weight_sparsity" in record:
+            line += f" (all block weights {record['block_weight_sparsity']:.4f})"
+        console.print(line)
     if ppl:
         console.print(f"perplexity: {ppl}")
     if "zeroshot_mean" in record:

@@ -88,6 +88,7 @@ def prune_with(session: Session, pruner_name: str, pattern_text: str, alloc: All
         "block_sparsity": alloc.block_sparsity,
         "measured_sparsity": measured["overall"],
         "measured_block_sparsity": measured["per_block"],
+        "block_weight_sparsity": measured["block_weights"],
         "prune_seconds": time.perf_counter() - start,
     }
 
@@ -130,6 +131,7 @@ def run_eval(model: str, protocol, request: EvalRequest, out: str | Path | None 
     record = base_record(session)
     measured = measured_sparsity(session.arch)
     record["measured_sparsity"] = measured["overall"]
+    record["block_weight_sparsity"] = measured["block_weights"]
     record.update(evaluate(session, request))
     return finish(session, record, run_dir)
 

@@ -68,7 +68,9 @@ def prune_sequential(
 
 
 def measured_sparsity(arch: Architecture) -> dict:
-    """Share of zero weights over the pruned layers: overall and per block."""
+    """Share of zero weights over the pruned layers (overall and per block), and over all
+    >=2-D weights of the decoder blocks (``block_weights``: what the pruned layers leave out
+    counts as dense)."""
     per_block, zeros_total, total = [], 0, 0
     for i in range(arch.num_blocks):
         z = n = 0
@@ -79,4 +81,10 @@ def measured_sparsity(arch: Architecture) -> dict:
         per_block.append(z / n)
         zeros_total += z
         total += n
-    return {"overall": zeros_total / total, "per_block": per_block}
+    all_zeros = all_total = 0
+    for i in range(arch.num_blocks):
+        for w in arch.block_weights(i).values():
+            all_zeros += int((w == 0).sum())
+            all_total += w.numel()
+    return {"overall": zeros_total / total, "per_block": per_block,
+            "block_weights": all_zeros / all_total}

@@ -17,6 +17,11 @@ from torch import nn
 
 from ..errors import UserError
 
+# A block may hold at most this share of its >=2-D weight entries outside the pruned layers
+# (routers, position tables, ...). Beyond it, pruning would leave most of the block dense while
+# the measured sparsity over the pruned layers looks right, so discovery refuses the model.
+MAX_UNPRUNED_SHARE = 0.05
+
 
 def is_linear(module: nn.Module) -> bool:
     """True for ``nn.Linear`` and for transformers' ``Conv1D`` (GPT-2's transposed linear)."""
@@ -60,6 +65,20 @@ class Architecture:
             sum(weight_out_in(m).numel() for m in self.linears(i).values())
             for i in range(self.num_blocks)
         ]
+
+    def block_weights(self, index: int) -> dict[str, torch.Tensor]:
+        """Every weight of block ``index`` with two or more dimensions, by parameter name."""
+        return {n: p for n, p in self.blocks[index].named_parameters() if p.dim() >= 2}
+
+    def unpruned_share(self, index: int) -> float:
+        """Share of block ``index``'s >=2-D weight entries outside its prunable layers."""
+        pruned_ids = {id(m.weight) for m in self.linears(index).values()}
+        total = outside = 0
+        for p in self.block_weights(index).values():
+            total += p.numel()
+            if id(p) not in pruned_ids:
+                outside += p.numel()
+        return outside / total if total else 0.0
 
     def describe(self) -> dict:
         """JSON-ready summary recorded in every result file."""
@@ -129,10 +148,31 @@ def discover(model: nn.Module) -> Architecture:
         raise UserError(
             f"unsupported architecture {type(model).__name__}: a block has no linear layer"
         )
-    return Architecture(
+    arch = Architecture(
         blocks_owner=owner,
         blocks_attr=path,
         blocks=blocks,
         final_norm=_find_final_norm(owner, blocks),
         linear_names=names,
     )
+    check_coverage(arch, type(model).__name__)
+    return arch
+
+
+def check_coverage(arch: Architecture, model_class: str) -> None:
+    """Refuse a model whose blocks keep a large share of their weights outside the pruned layers.
+
+    Raises:
+        UserError: naming the first such block, its share and the weights left out.
+    """
+    for i in range(arch.num_blocks):
+        share = arch.unpruned_share(i)
+        if share > MAX_UNPRUNED_SHARE:
+            pruned = {id(m.weight) for m in arch.linears(i).values()}
+            left = [n for n, p in arch.block_weights(i).items() if id(p) not in pruned]
+            raise UserError(
+                f"unsupported architecture {model_class}: {share:.0%} of block {i}'s weights "
+                f"({', '.join(left[:4])}{', ...' if len(left) > 4 else ''}) are not in "
+                f"prunable linear layers (limit {MAX_UNPRUNED_SHARE:.0%}); pruning would leave "
+                "them dense, so this architecture is not supported"
+            )
