@@ -181,9 +181,16 @@ def _load_hub(spec: str, dtype: torch.dtype) -> LoadedModel:
 def _from_pretrained(name: str, dtype: torch.dtype, **kwargs: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(
-        name, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, **kwargs
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, **kwargs
+        )
+    except ValueError as err:  # no SDPA for this class (Gemma 2's soft-capped attention)
+        if "attention implementation" not in str(err):
+            raise
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, attn_implementation="eager", **kwargs
+        )
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     return model, tokenizer
 
