@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -76,10 +77,14 @@ def prune_with(session: Session, pruner_name: str, pattern_text: str, alloc: All
     start = time.perf_counter()
     with session.timed("prune"):
         session.modified = True
-        prune_sequential(session.runner, acts, pruner, alloc.block_sparsity, pattern)
+        report = prune_sequential(session.runner, acts, pruner, alloc.block_sparsity, pattern)
     del acts
     measured = measured_sparsity(session.arch)
-    return {
+    experts = report.record(session.arch)
+    if experts["experts_without_tokens"]:
+        print(f"warning: {experts['experts_without_tokens']} expert(s) received no calibration "
+              "token and were pruned by magnitude (listed in result.json)", file=sys.stderr)
+    return experts | {
         "pruner": pruner.config(),
         "pattern": pattern_text,
         "allocation": alloc.spec,

@@ -1,14 +1,26 @@
-"""Block-sequential pruning: the shared runner + any pruner + one sparsity per block."""
+"""Block-sequential pruning: the shared runner + any pruner + one sparsity per block.
+
+Mixture of experts: every expert's linears are hooked like any other, so their statistics
+come only from the tokens routed to them. A layer that received no calibration token at all
+(an expert no token chose) is pruned by magnitude instead of from empty statistics, and
+reported. When the statistics of all of a block's layers would exceed ``stats_budget`` bytes
+(SparseGPT's Hessians of many experts), they are collected and used one expert at a time:
+expert 0, expert 1, ..., then the rest of the block, one block pass each. Pruning an expert
+changes no other expert's inputs, nor those of the layers before the experts, so each group
+sees exactly the inputs one pass over the dense block would give it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .models.arch import Architecture, weight_out_in
-from .pruners.base import Pruner
+from .models.arch import Architecture, in_features, weight_out_in
+from .pruners.base import LayerStats, Pruner
+from .pruners.magnitude import MagnitudePruner
 from .pruners.masks import Pattern, check_pattern_fits
 from .runner import Activations, BlockRunner, collect_inputs
 
@@ -32,39 +44,150 @@ def check_patterns(arch: Architecture, pattern: Pattern) -> None:
             raise type(exc)(f"layer '{name}': {exc}") from None
 
 
+# Statistics of one block's layers held at once, at most (bytes); beyond it, one expert at a time.
+STATS_BUDGET_BYTES = 4 * 1024**3
+
+FALLBACK = MagnitudePruner()
+
+
+class _Counted:
+    """A statistics sink that also counts the tokens it was fed."""
+
+    def __init__(self, stats: LayerStats) -> None:
+        self.stats = stats
+        self.tokens = 0
+
+    def add_batch(self, inp: Tensor) -> None:
+        self.tokens += inp.reshape(-1, inp.shape[-1]).shape[0]
+        self.stats.add_batch(inp)
+
+
+def stats_nbytes(stats: object) -> int:
+    """Bytes of the tensors a statistics object holds."""
+    return sum(v.nbytes for v in vars(stats).values() if isinstance(v, Tensor))
+
+
+@dataclass
+class BlockReport:
+    """What pruning one block did beyond pruning: fallbacks, passes, statistics memory."""
+
+    no_token_layers: list[str] = field(default_factory=list)
+    passes: int = 0
+    peak_stats_bytes: int = 0
+
+
+def stat_groups(arch: Architecture, index: int, names: Sequence[str]) -> list[list[str]]:
+    """Layers of block ``index`` grouped one expert per group (in order), the rest last."""
+    experts: dict[tuple[str, int], list[str]] = {}
+    rest: list[str] = []
+    for name in names:
+        hit = arch.expert_of(index, name)
+        (experts.setdefault(hit, []) if hit is not None else rest).append(name)
+    groups = [experts[key] for key in sorted(experts)]
+    return groups + [rest] if rest else groups
+
+
+def _stats_bytes_by_width(pruner: Pruner, proxies: dict[str, nn.Linear]) -> dict[int, int]:
+    """Statistics bytes per input width, measured on one fresh collector per width."""
+    out: dict[int, int] = {}
+    for proxy in proxies.values():
+        width = in_features(proxy)
+        if width not in out:
+            stats = pruner.make_stats(proxy)
+            out[width] = 0 if stats is None else stats_nbytes(stats)
+            del stats
+    return out
+
+
 @torch.no_grad()
 def prune_block(
     runner: BlockRunner, index: int, acts: Activations, pruner: Pruner, sparsity: float,
-    pattern: Pattern,
-) -> None:
-    """Prune every prunable layer of block ``index`` (statistics from one pass over ``acts``)."""
+    pattern: Pattern, stats_budget: int = STATS_BUDGET_BYTES,
+) -> BlockReport:
+    """Prune every prunable layer of block ``index`` (statistics from passes over ``acts``)."""
+    report = BlockReport()
     linears = runner.arch.linears(index)
     proxies = {name: _as_linear(m) for name, m in linears.items()}
-    stats = {name: pruner.make_stats(p) for name, p in proxies.items()}
-    if any(s is not None for s in stats.values()):
-        with collect_inputs(linears, stats):
-            runner.run_block(index, acts)
-    for name, module in linears.items():
-        pruner.prune_layer(proxies[name], stats[name], sparsity, pattern)
-        stats[name] = None  # free Hessians early
-        if proxies[name] is not module:
-            weight_out_in(module).copy_(proxies[name].weight.data)
+    sizes = _stats_bytes_by_width(pruner, proxies)
+    need = sum(sizes[in_features(p)] for p in proxies.values())
+    groups = (stat_groups(runner.arch, index, list(linears)) if need > stats_budget
+              else [list(linears)])
+    for group in groups:
+        stats = {name: pruner.make_stats(proxies[name]) for name in group}
+        counted = {name: _Counted(s) for name, s in stats.items() if s is not None}
+        report.peak_stats_bytes = max(report.peak_stats_bytes,
+                                      sum(stats_nbytes(c.stats) for c in counted.values()))
+        if counted:
+            with collect_inputs({n: linears[n] for n in counted}, counted):
+                runner.run_block(index, acts)
+            report.passes += 1
+        for name in group:
+            if name in counted and counted[name].tokens == 0:  # an expert no token chose
+                report.no_token_layers.append(name)
+                FALLBACK.prune_layer(proxies[name], None, sparsity, pattern)
+            else:
+                pruner.prune_layer(proxies[name], stats[name], sparsity, pattern)
+            stats[name] = None  # free Hessians early
+            counted.pop(name, None)
+            if proxies[name] is not linears[name]:
+                weight_out_in(linears[name]).copy_(proxies[name].weight.data)
+    return report
+
+
+@dataclass
+class PruneReport:
+    """Per run: the layers pruned by magnitude for want of tokens, and statistics memory."""
+
+    no_token_layers: dict[int, list[str]] = field(default_factory=dict)
+    passes: int = 0
+    peak_stats_bytes: int = 0
+
+    def add(self, index: int, block: BlockReport) -> None:
+        if block.no_token_layers:
+            self.no_token_layers[index] = block.no_token_layers
+        self.passes += block.passes
+        self.peak_stats_bytes = max(self.peak_stats_bytes, block.peak_stats_bytes)
+
+    def no_token_experts(self, arch: Architecture) -> list[str]:
+        """``"block.expert-list.number"`` of every expert some layer of which got no token."""
+        out = []
+        for index, names in self.no_token_layers.items():
+            for name in names:
+                hit = arch.expert_of(index, name)
+                label = f"{index}.{hit[0]}.{hit[1]}" if hit else f"{index}.{name}"
+                if label not in out:
+                    out.append(label)
+        return out
+
+    def record(self, arch: Architecture) -> dict:
+        experts = self.no_token_experts(arch)
+        return {
+            "experts_without_tokens": len(experts),
+            "experts_without_tokens_list": experts,
+            "experts_without_tokens_fallback": "magnitude",
+            "stats_block_passes": self.passes,
+            "peak_stats_mb": self.peak_stats_bytes / 2**20,
+        }
 
 
 def prune_sequential(
     runner: BlockRunner, acts: Activations, pruner: Pruner, block_sparsity: Sequence[float],
-    pattern: Pattern,
-) -> None:
+    pattern: Pattern, stats_budget: int = STATS_BUDGET_BYTES,
+) -> PruneReport:
     """Prune all blocks in order; block l sees the outputs of the pruned blocks before it."""
     if len(block_sparsity) != runner.num_blocks:
         raise ValueError(f"{len(block_sparsity)} sparsities for {runner.num_blocks} blocks")
+    report = PruneReport()
     first = next(iter(runner.arch.linears(0).values()))
     if pruner.make_stats(_as_linear(first)) is None:  # data-free (magnitude): no block passes
         for index in range(runner.num_blocks):
-            prune_block(runner, index, acts, pruner, float(block_sparsity[index]), pattern)
-        return
+            report.add(index, prune_block(runner, index, acts, pruner,
+                                          float(block_sparsity[index]), pattern, stats_budget))
+        return report
     for index in runner.sequential(acts, desc=f"pruning ({pruner.name})"):
-        prune_block(runner, index, acts, pruner, float(block_sparsity[index]), pattern)
+        report.add(index, prune_block(runner, index, acts, pruner, float(block_sparsity[index]),
+                                      pattern, stats_budget))
+    return report
 
 
 def measured_sparsity(arch: Architecture) -> dict:

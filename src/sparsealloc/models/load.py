@@ -22,6 +22,7 @@ import torch
 from ..cache import hub_reachable
 from ..errors import UserError
 from ..io import write_json
+from .experts import fused_experts
 from .packaged import (
     SOURCE_FILE,
     fetch_packaged,
@@ -242,7 +243,8 @@ def _save_into(model: Any, tokenizer: Any, folder: Path, source: dict[str, Any] 
     use_cache = model.config.use_cache
     model.config.use_cache = True  # the saved folder is for generation / serving
     try:
-        model.save_pretrained(folder, safe_serialization=True)
+        with fused_experts(model):  # per-expert linears go back to the class's fused layout
+            model.save_pretrained(folder, safe_serialization=True)
     finally:
         model.config.use_cache = use_cache
     if tokenizer is not None:
