@@ -13,7 +13,7 @@ from sparsealloc.models.experts import ExpertLinears, fused_experts, unfuse_expe
 from sparsealloc.models.load import load_model, save_model
 from sparsealloc.pruners import InputNormStats, MagnitudePruner, get_pruner
 from sparsealloc.pruners.masks import parse_pattern
-from sparsealloc.pruning import measured_sparsity, prune_block, prune_sequential
+from sparsealloc.pruning import measured_sparsity, prune_sequential
 from sparsealloc.runner import BlockRunner, collect_inputs
 
 UNSTRUCTURED = parse_pattern("unstructured")
@@ -217,11 +217,11 @@ def test_compare_runs_on_moe(tmp_path, arch):
     res = CliRunner().invoke(app, [
         "compare", "--model", str(folder), "--calib", str(text), "--nsamples", "4",
         "--seqlen", "32", "--quiet", "--ppl", str(text), "--sparsity", "0.5",
-        "--allocations", "uniform,owl,alpha,owl+absorb", "--absorb-gamma", "0.05",
+        "--allocations", "uniform,owl,alpha,owl+absorb,alpha+absorb", "--absorb-gamma", "0.05",
         "--absorb-nsamples", "2", "--out", str(out)])
     assert res.exit_code == 0, res.output
     rec = json.loads((out / "compare.json").read_text())
-    assert len(rec["rows"]) == 4
+    assert len(rec["rows"]) == 5
     for row in rec["rows"]:
         assert row["measured_sparsity"] == pytest.approx(0.5, abs=1 / 32)
         assert row["block_weight_sparsity"] > 0.45
@@ -233,7 +233,7 @@ def test_prune_command_on_moe_records_experts(tmp_path):
     out = tmp_path / "run"
     res = CliRunner().invoke(app, [
         "prune", "--model", str(folder), "--calib", str(text), "--nsamples", "4",
-        "--seqlen", "32", "--quiet", "--pruner", "wanda", "--sparsity", "0.5",
+        "--seqlen", "32", "--quiet", "--ppl", str(text), "--pruner", "wanda", "--sparsity", "0.5",
         "--out", str(out), "--save", str(tmp_path / "saved")])
     assert res.exit_code == 0, res.output
     rec = json.loads((out / "result.json").read_text())
