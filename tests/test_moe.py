@@ -242,3 +242,45 @@ def test_prune_command_on_moe_records_experts(tmp_path):
     assert rec["measured_sparsity"] == pytest.approx(0.5, abs=1 / 32)
     assert rec["block_weight_sparsity"] > 0.45
     assert rec["experts_without_tokens"] == 0
+
+
+def test_expert_split_meets_the_block_budget_exactly():
+    from sparsealloc.allocation.experts import expert_split
+
+    params = [3.0, 3.0, 3.0, 6.0]
+    split = expert_split(0.6, [0.01, 0.05, 0.02, 0.0], params, lam=0.08)
+    mean = sum(s * w for s, w in zip(split, params, strict=True)) / sum(params)
+    assert mean == pytest.approx(0.6, abs=1e-9)
+    assert split[1] == min(split) and split[3] == max(split)  # more outliers, less sparsity
+    assert max(split) - min(split) == pytest.approx(0.16, abs=1e-9)
+
+
+def test_expert_allocation_owl_prunes_each_expert_to_its_share(tmp_path):
+    folder, text = save_tiny_moe(tmp_path, "mixtral")
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, [
+        "prune", "--model", str(folder), "--calib", str(text), "--nsamples", "4",
+        "--seqlen", "32", "--quiet", "--ppl", str(text), "--pruner", "wanda",
+        "--sparsity", "0.5", "--allocation", "owl", "--expert-allocation", "owl",
+        "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((out / "result.json").read_text())
+    details = rec["allocation_details"]
+    assert details["options"]["expert_allocation"] == "owl"
+    per_expert = details["expert_sparsity"]
+    assert len(per_expert) == 2 and all(len(b) == 4 for b in per_expert)
+    assert all(max(b.values()) - min(b.values()) > 0.05 for b in per_expert)
+    # each block's budget holds: experts are equal in size, so their plain mean is the block's
+    for block, s in zip(per_expert, details["block_sparsity"], strict=True):
+        assert sum(block.values()) / 4 == pytest.approx(s, abs=1e-9)
+    # the measured per-block sparsity follows (per-row rounding: rows of 32 weights)
+    for got, want in zip(rec["measured_block_sparsity"], details["block_sparsity"], strict=True):
+        assert got == pytest.approx(want, abs=1 / 32)
+
+
+def test_expert_allocation_is_checked():
+    from sparsealloc.errors import UserError
+
+    res = CliRunner().invoke(app, ["prune", "--model", "x", "--expert-allocation", "alpha"])
+    assert isinstance(res.exception, UserError)
+    assert str(res.exception) == "--expert-allocation must be one of uniform, owl (got 'alpha')"

@@ -66,6 +66,8 @@ AbsorbPositions = Annotated[str, typer.Option(help="perturbed positions: all or 
 AbsorbNSamples = Annotated[int, typer.Option(help="calibration sequences the absorption probe "
                            "uses (the first ones)")]
 AbsorbDraws = Annotated[int, typer.Option(help="noise draws per sequence for the probe")]
+ExpertAllocation = Annotated[str, typer.Option(help="mixture of experts: a block's sparsity over "
+                             "its experts, uniform or owl (budget exact per block)")]
 
 
 def _split(text: str) -> list[str]:
@@ -101,12 +103,15 @@ def allocation_options(
     absorb_final: AbsorbFinal = "last", absorb_mode: AbsorbMode = "prune",
     absorb_budget: AbsorbBudget = "shift", absorb_positions: AbsorbPositions = "all",
     absorb_nsamples: AbsorbNSamples = 16, absorb_draws: AbsorbDraws = 1,
+    expert_allocation: ExpertAllocation = "uniform",
 ):
     """Allocator and correction hyperparameters (``AllocationOptions``)."""
     from .allocate import AllocationOptions
+    from .allocation.experts import check_expert_allocation
     from .correction import parse_gamma
 
     gamma = parse_gamma(absorb_gamma)
+    check_expert_allocation(expert_allocation)
     for name, value, allowed in (("--absorb-final", absorb_final,
                                   ("last", "norm", "kl", "abs", "damage")),
                                  ("--absorb-mode", absorb_mode, ("noise", "prune")),
@@ -119,7 +124,7 @@ def allocation_options(
                              absorb_clip=absorb_clip, absorb_final=absorb_final,
                              absorb_mode=absorb_mode, absorb_budget=absorb_budget,
                              absorb_positions=absorb_positions, absorb_nsamples=absorb_nsamples,
-                             absorb_draws=absorb_draws)
+                             absorb_draws=absorb_draws, expert_allocation=expert_allocation)
 
 
 def eval_options(ppl: Ppl = "wikitext2", tasks: Tasks = "", limit: Limit = None,

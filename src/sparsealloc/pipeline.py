@@ -77,7 +77,8 @@ def prune_with(session: Session, pruner_name: str, pattern_text: str, alloc: All
     start = time.perf_counter()
     with session.timed("prune"):
         session.modified = True
-        report = prune_sequential(session.runner, acts, pruner, alloc.block_sparsity, pattern)
+        report = prune_sequential(session.runner, acts, pruner, alloc.block_sparsity, pattern,
+                                  expert_sparsity=alloc.expert_sparsity)
     del acts
     measured = measured_sparsity(session.arch)
     experts = report.record(session.arch)

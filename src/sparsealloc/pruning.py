@@ -12,7 +12,7 @@ sees exactly the inputs one pass over the dense block would give it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -99,13 +99,26 @@ def _stats_bytes_by_width(pruner: Pruner, proxies: dict[str, nn.Linear]) -> dict
     return out
 
 
+def layer_sparsity(arch: Architecture, index: int, sparsity: float,
+                   expert_sparsity: Mapping[str, float] | None) -> dict[str, float]:
+    """Each layer's sparsity: its expert's (``"path.number"`` keys), else the block's."""
+    out = {name: sparsity for name in arch.linear_names[index]}
+    for expert, names in arch.experts(index).items() if expert_sparsity else ():
+        for name in names:
+            out[name] = float(expert_sparsity[expert])
+    return out
+
+
 @torch.no_grad()
 def prune_block(
     runner: BlockRunner, index: int, acts: Activations, pruner: Pruner, sparsity: float,
     pattern: Pattern, stats_budget: int = STATS_BUDGET_BYTES,
+    expert_sparsity: Mapping[str, float] | None = None,
 ) -> BlockReport:
-    """Prune every prunable layer of block ``index`` (statistics from passes over ``acts``)."""
+    """Prune every prunable layer of block ``index`` (statistics from passes over ``acts``);
+    experts listed in ``expert_sparsity`` get their own sparsity."""
     report = BlockReport()
+    targets = layer_sparsity(runner.arch, index, sparsity, expert_sparsity)
     linears = runner.arch.linears(index)
     proxies = {name: _as_linear(m) for name, m in linears.items()}
     sizes = _stats_bytes_by_width(pruner, proxies)
@@ -124,9 +137,9 @@ def prune_block(
         for name in group:
             if name in counted and counted[name].tokens == 0:  # an expert no token chose
                 report.no_token_layers.append(name)
-                FALLBACK.prune_layer(proxies[name], None, sparsity, pattern)
+                FALLBACK.prune_layer(proxies[name], None, targets[name], pattern)
             else:
-                pruner.prune_layer(proxies[name], stats[name], sparsity, pattern)
+                pruner.prune_layer(proxies[name], stats[name], targets[name], pattern)
             stats[name] = None  # free Hessians early
             counted.pop(name, None)
             if proxies[name] is not linears[name]:
@@ -173,20 +186,29 @@ class PruneReport:
 def prune_sequential(
     runner: BlockRunner, acts: Activations, pruner: Pruner, block_sparsity: Sequence[float],
     pattern: Pattern, stats_budget: int = STATS_BUDGET_BYTES,
+    expert_sparsity: Sequence[Mapping[str, float]] | None = None,
 ) -> PruneReport:
-    """Prune all blocks in order; block l sees the outputs of the pruned blocks before it."""
+    """Prune all blocks in order; block l sees the outputs of the pruned blocks before it.
+
+    ``expert_sparsity[l]`` (optional) maps block l's experts (``"path.number"``) to their own
+    sparsities (``--expert-allocation``); other layers get ``block_sparsity[l]``.
+    """
     if len(block_sparsity) != runner.num_blocks:
         raise ValueError(f"{len(block_sparsity)} sparsities for {runner.num_blocks} blocks")
     report = PruneReport()
+
+    def one(index: int) -> None:
+        experts = expert_sparsity[index] if expert_sparsity else None
+        report.add(index, prune_block(runner, index, acts, pruner, float(block_sparsity[index]),
+                                      pattern, stats_budget, experts))
+
     first = next(iter(runner.arch.linears(0).values()))
     if pruner.make_stats(_as_linear(first)) is None:  # data-free (magnitude): no block passes
         for index in range(runner.num_blocks):
-            report.add(index, prune_block(runner, index, acts, pruner,
-                                          float(block_sparsity[index]), pattern, stats_budget))
+            one(index)
         return report
     for index in runner.sequential(acts, desc=f"pruning ({pruner.name})"):
-        report.add(index, prune_block(runner, index, acts, pruner, float(block_sparsity[index]),
-                                      pattern, stats_budget))
+        one(index)
     return report
 
 

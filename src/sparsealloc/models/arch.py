@@ -94,6 +94,15 @@ class Architecture:
                     return path, int(number)
         return None
 
+    def experts(self, index: int) -> dict[str, list[str]]:
+        """Layers of every expert of block ``index``: ``"path.number"`` -> layer names."""
+        out: dict[str, list[str]] = {}
+        for name in self.linear_names[index]:
+            hit = self.expert_of(index, name)
+            if hit is not None:
+                out.setdefault(f"{hit[0]}.{hit[1]}", []).append(name)
+        return out
+
     def layer_patterns(self) -> list[str]:
         """Names of the pruned layers over all blocks, expert numbers written as ``*``."""
         out: list[str] = []
