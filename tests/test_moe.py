@@ -284,3 +284,50 @@ def test_expert_allocation_is_checked():
     res = CliRunner().invoke(app, ["prune", "--model", "x", "--expert-allocation", "alpha"])
     assert isinstance(res.exception, UserError)
     assert str(res.exception) == "--expert-allocation must be one of uniform, owl (got 'alpha')"
+
+
+def test_zero_shot_runs_on_a_pruned_moe():
+    from sparsealloc.evaluation.zeroshot import evaluate_zeroshot
+
+    model = tiny_moe("qwen3_moe")
+    runner = BlockRunner(model, progress=False)
+    acts = runner.capture(random_ids(2, 16), batch_size=2)
+    prune_sequential(runner, acts, get_pruner("wanda"), [0.5, 0.5], UNSTRUCTURED)
+    out = evaluate_zeroshot(model, tiny_tokenizer(), ["arc_easy"], limit=4, batch_size=4,
+                            progress=False)
+    assert out["zeroshot"]["arc_easy"]["n"] == 4
+    assert 0.0 <= out["zeroshot"]["arc_easy"]["acc"] <= 1.0
+
+
+def test_per_expert_linear_layout_is_discovered_with_its_router():
+    """The layout of transformers 4 (and of custom MoE code): experts as a list of MLPs with
+    nn.Linear layers, the router an nn.Linear(hidden, experts)."""
+    from torch import nn
+
+    class Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.w2, self.w3 = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 16)
+
+    class Moe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = nn.Linear(8, 6, bias=False)
+            self.experts = nn.ModuleList([Mlp() for _ in range(6)])
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.Linear(8, 8)
+            self.moe = Moe()
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList([Block() for _ in range(3)])  # fewer than the experts
+
+    a = discover(Toy())
+    assert a.blocks_attr == "layers" and a.num_blocks == 3
+    assert a.expert_lists[0] == {"moe.experts": 6} and a.router_names[0] == ["moe.gate"]
+    assert "moe.gate" not in a.linear_names[0] and len(a.linear_names[0]) == 1 + 6 * 3
+    assert len(a.experts(0)) == 6 and a.experts(0)["moe.experts.5"][0] == "moe.experts.5.w1"
