@@ -331,3 +331,19 @@ def test_per_expert_linear_layout_is_discovered_with_its_router():
     assert a.expert_lists[0] == {"moe.experts": 6} and a.router_names[0] == ["moe.gate"]
     assert "moe.gate" not in a.linear_names[0] and len(a.linear_names[0]) == 1 + 6 * 3
     assert len(a.experts(0)) == 6 and a.experts(0)["moe.experts.5"][0] == "moe.experts.5.w1"
+
+
+def test_unconverted_expert_layout_is_refused_in_one_line():
+    """GPT-OSS keeps transposed fused experts with biases: left fused, so the model is refused."""
+    import transformers as tf
+
+    from sparsealloc.errors import UserError
+
+    cfg = tf.GptOssConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                          num_local_experts=4, num_experts_per_tok=2, vocab_size=128,
+                          layer_types=["sliding_attention", "full_attention"])
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(UserError, match=r"GptOssForCausalLM: \d+% of block 0's weights") as info:
+        discover(model)
+    assert "\n" not in str(info.value) and "mlp.experts.gate_up_proj" in str(info.value)
