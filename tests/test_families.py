@@ -36,3 +36,29 @@ def test_prune_save_reload_gives_the_same_logits(tmp_path, arch):
     reloaded = load_model(str(out)).model
     reloaded.set_attn_implementation("eager")  # the tiny models run eager attention
     assert torch.equal(_logits(reloaded, ids), pruned)
+
+
+@pytest.mark.parametrize("arch", DENSE_FAMILIES)
+def test_compare_with_owl_alpha_and_absorb(tmp_path, arch):
+    """OWL statistics, spectra, the probe, the correction, Wanda and perplexity on each family."""
+    import json
+
+    from tiny_models import save_tiny
+    from typer.testing import CliRunner
+
+    from sparsealloc.cli import app
+
+    folder, text = save_tiny(tmp_path, arch)
+    out = tmp_path / "cmp"
+    res = CliRunner().invoke(app, [
+        "compare", "--model", str(folder), "--calib", str(text), "--nsamples", "4",
+        "--seqlen", "32", "--quiet", "--ppl", str(text), "--sparsity", "0.5",
+        "--allocations", "owl,alpha+absorb", "--absorb-gamma", "0.05",
+        "--absorb-nsamples", "2", "--no-dense", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["measured_sparsity"] == pytest.approx(0.5, abs=1 / 32)
+        assert row["block_weight_sparsity"] == pytest.approx(row["measured_sparsity"])
+        assert all(v > 1 for v in row["ppl"].values())

@@ -36,12 +36,19 @@ def _as_linear(module: nn.Module) -> nn.Linear:
 
 
 def check_patterns(arch: Architecture, pattern: Pattern) -> None:
-    """Fail early, before any work, if an N:M pattern does not divide a layer."""
-    for name, module in arch.linears(0).items():
-        try:
-            check_pattern_fits(tuple(weight_out_in(module).shape), pattern)
-        except Exception as exc:  # re-raise with the layer's name
-            raise type(exc)(f"layer '{name}': {exc}") from None
+    """Fail early, before any work, if an N:M pattern does not divide a layer (of any block:
+    blocks may differ, e.g. a dense first block before MoE blocks)."""
+    seen: set[tuple[int, ...]] = set()
+    for index in range(arch.num_blocks):
+        for name, module in arch.linears(index).items():
+            shape = tuple(weight_out_in(module).shape)
+            if shape in seen:
+                continue
+            seen.add(shape)
+            try:
+                check_pattern_fits(shape, pattern)
+            except Exception as exc:  # re-raise with the layer's name
+                raise type(exc)(f"layer '{name}': {exc}") from None
 
 
 # Statistics of one block's layers held at once, at most (bytes); beyond it, one expert at a time.
