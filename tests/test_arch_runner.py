@@ -9,7 +9,8 @@ from sparsealloc.runner import BlockRunner, collect_inputs
 
 EXPECTED_LINEARS = {
     "llama": 7, "qwen2": 7, "mistral": 7, "gemma3": 7, "gpt2": 4, "opt": 6, "gpt_neox": 4,
-    "phi": 6,
+    "phi": 6, "llama3": 7, "gemma2": 7, "phi3": 4, "qwen3": 7, "mistral_sw": 7, "cohere": 7,
+    "olmo2": 7,
 }
 
 

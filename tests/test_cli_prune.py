@@ -27,6 +27,8 @@ def test_prune_writes_result(tmp_path, pruner):
         assert key in rec
     assert rec["pruner"]["name"] == pruner
     assert abs(rec["measured_sparsity"] - 0.5) < 0.01
+    # a dense model's blocks hold nothing but the pruned linears (and 1-D norms)
+    assert rec["block_weight_sparsity"] == pytest.approx(rec["measured_sparsity"])
     assert rec["protocol"]["nsamples"] == 4 and rec["protocol"]["seqlen"] == 32
     assert rec["ppl"][str(text)] > 1
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import allocation as A
+from .allocation.experts import expert_split
 from .errors import check
 from .models.arch import in_features, weight_out_in
 from .pruners.sparsegpt import HessianStats
@@ -66,6 +67,8 @@ class AllocationOptions:
             pruning error).
         absorb_nsamples: calibration sequences used by the probe (the first ones).
         absorb_draws: noise draws per sequence.
+        expert_allocation: a block's sparsity over its experts: "uniform" or "owl" (OWL's rule
+            over the experts' outlier ratios, the block's budget met exactly).
     """
 
     owl_m: float = 5.0
@@ -88,6 +91,7 @@ class AllocationOptions:
     absorb_scale: str = "state"
     absorb_nsamples: int = 16
     absorb_draws: int = 1
+    expert_allocation: str = "uniform"
 
     def __post_init__(self) -> None:
         check(self.owl_m > 0, f"--owl-m must be positive (got {self.owl_m})")
@@ -117,6 +121,7 @@ class Allocation:
     absorption: list[float] | None = None
     base_block_sparsity: list[float] | None = None
     options: dict = field(default_factory=dict)
+    expert_sparsity: list[dict[str, float]] | None = None  # per block: "path.number" -> s
 
     def record(self) -> dict:
         return asdict(self)
@@ -201,6 +206,22 @@ def alphas(session: Session) -> list[float]:
     return session.cache[key]
 
 
+def expert_owl_split(session: Session, block_sparsity: list[float],
+                     opts: AllocationOptions) -> list[dict[str, float]]:
+    """Each block's sparsity split over its experts by their outlier ratios (budget exact)."""
+    norms = owl_input_norms(session)
+    out: list[dict[str, float]] = []
+    for index, s in enumerate(block_sparsity):
+        experts = session.arch.experts(index)
+        weights = session.dense_weights(index)
+        ratios = [A.outlier_ratio([wanda_scores(weights[n], norms[index][n]) for n in names],
+                                  opts.owl_m) for names in experts.values()]
+        params = [sum(weights[n].numel() for n in names) for names in experts.values()]
+        split = expert_split(s, ratios, params, opts.owl_lambda) if experts else []
+        out.append(dict(zip(experts, split, strict=True)))
+    return out
+
+
 # ---------------------------------------------------------------- allocations
 def base_allocation(session: Session, spec: A.AllocationSpec, target: float,
                     opts: AllocationOptions) -> tuple[torch.Tensor, list[float] | None, str | None]:
@@ -271,6 +292,9 @@ def compute_allocation(session: Session, text: str, target: float,
         from .correction import apply_correction
 
         alloc = apply_correction(session, alloc, opts, pruner, pattern)
+    if opts.expert_allocation == "owl":
+        alloc.expert_sparsity = expert_owl_split(session, alloc.block_sparsity, opts)
+        alloc.options["expert_allocation"] = "owl"
     check(len(alloc.block_sparsity) == session.arch.num_blocks, "allocation length mismatch")
     return alloc
 

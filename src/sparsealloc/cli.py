@@ -81,6 +81,8 @@ AbsorbPositions = Annotated[str, typer.Option(help="perturbed positions: all or 
 AbsorbNSamples = Annotated[int, typer.Option(help="calibration sequences the absorption probe "
                            "uses (the first ones)")]
 AbsorbDraws = Annotated[int, typer.Option(help="noise draws per sequence for the probe")]
+ExpertAllocation = Annotated[str, typer.Option(help="mixture of experts: a block's sparsity over "
+                             "its experts, uniform or owl (budget exact per block)")]
 
 
 def _split(text: str) -> list[str]:
@@ -121,9 +123,11 @@ def allocation_options(
     linear_spans: LinearSpans = "0,0.04,0.08,0.12,0.16,0.24,0.32", dlp_alpha: DlpAlpha = 0.15,
     dlp_statistic: DlpStatistic = "median", lsa_alpha: LsaAlpha = None,
     lsa_block_size: LsaBlockSize = 128, lsa_ratio: LsaRatio = 0.5,
+    expert_allocation: ExpertAllocation = "uniform",
 ):
     """Allocator and correction hyperparameters (``AllocationOptions``)."""
     from .allocate import AllocationOptions
+    from .allocation.experts import check_expert_allocation
     from .correction import parse_gamma
 
     gamma = parse_gamma(absorb_gamma)
@@ -133,6 +137,7 @@ def allocation_options(
     if lsa_block_size < 0 or not (0.0 < lsa_ratio <= 1.0):
         raise UserError("--lsa-block-size must be >= 0 (0: whole rows) and --lsa-ratio in (0, 1], "
                         f"got {lsa_block_size} and {lsa_ratio}")
+    check_expert_allocation(expert_allocation)
     for name, value, allowed in (("--absorb-final", absorb_final,
                                   ("last", "norm", "kl", "abs", "damage")),
                                  ("--absorb-mode", absorb_mode, ("noise", "prune")),
@@ -148,7 +153,8 @@ def allocation_options(
                              absorb_positions=absorb_positions, absorb_nsamples=absorb_nsamples,
                              absorb_draws=absorb_draws, linear_spans=spans, dlp_alpha=dlp_alpha,
                              dlp_statistic=dlp_statistic, lsa_alpha=lsa_alpha,
-                             lsa_block_size=lsa_block_size, lsa_ratio=lsa_ratio)
+                             lsa_block_size=lsa_block_size, lsa_ratio=lsa_ratio,
+                             expert_allocation=expert_allocation)
 
 
 def eval_options(ppl: Ppl = None, tasks: Tasks = "", limit: Limit = None,
@@ -215,7 +221,10 @@ def _print_result(record: dict) -> None:
     console = Console()
     ppl = ", ".join(f"{k} {v:.2f}" for k, v in record.get("ppl", {}).items())
     if "measured_sparsity" in record:
-        console.print(f"measured sparsity {record['measured_sparsity']:.4f}")
+        line = f"measured sparsity {record['measured_sparsity']:.4f}"
+        if "block_weight_sparsity" in record:
+            line += f" (all block weights {record['block_weight_sparsity']:.4f})"
+        console.print(line)
     if ppl:
         console.print(f"perplexity: {ppl}")
     if "zeroshot_mean" in record:

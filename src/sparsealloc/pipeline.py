@@ -126,13 +126,16 @@ def base_record(session: Session) -> dict:
 
 def prune_with(session: Session, pruner_name: str, pattern_text: str, alloc: Allocation) -> dict:
     """Prune the session's model (from its dense weights) with ``alloc``; return the record."""
-    pruner, seconds, patterns = prune_from_dense(session, pruner_name, pattern_text,
-                                                 alloc.block_sparsity, alloc.target_sparsity,
-                                                 alloc.spec)
+    done = prune_from_dense(session, pruner_name, pattern_text, alloc.block_sparsity,
+                            alloc.target_sparsity, alloc.spec, alloc.expert_sparsity)
     measured = measured_sparsity(session.arch)
     bad = nonfinite_blocks(session.arch)
-    record = {
-        "pruner": pruner.config(),
+    experts = done.report.record(session.arch)
+    if experts["experts_without_tokens"]:
+        warn(f"{experts['experts_without_tokens']} expert(s) received no calibration token and "
+             "were pruned by magnitude (listed in result.json)")
+    record = experts | {
+        "pruner": done.pruner.config(),
         "pattern": pattern_text,
         "allocation": alloc.spec,
         "allocation_details": alloc.record(),
@@ -140,13 +143,14 @@ def prune_with(session: Session, pruner_name: str, pattern_text: str, alloc: All
         "block_sparsity": alloc.block_sparsity,
         "measured_sparsity": measured["overall"],
         "measured_block_sparsity": measured["per_block"],
+        "block_weight_sparsity": measured["block_weights"],
         "nonfinite_blocks": bad,
-        "prune_seconds": seconds,
+        "prune_seconds": done.seconds,
     }
     pattern = parse_pattern(pattern_text)
     if pattern.is_nm:  # what the levels could honour of the allocation
-        record["block_pattern"] = [str(p) if p.is_nm else "dense" for p in patterns]
-        record["nm_budget"] = achieved_budget([p.n for p in patterns], pattern.m,
+        record["block_pattern"] = [str(p) if p.is_nm else "dense" for p in done.patterns]
+        record["nm_budget"] = achieved_budget([p.n for p in done.patterns], pattern.m,
                                               session.params_per_block)
     return record
 
@@ -204,6 +208,7 @@ def run_eval(model: str, protocol, request: EvalRequest, out: str | Path | None 
     record = base_record(session)
     measured = measured_sparsity(session.arch)
     record["measured_sparsity"] = measured["overall"]
+    record["block_weight_sparsity"] = measured["block_weights"]
     record.update(evaluate(session, request))
     why = mark_status(record)
     finish(session, record, run_dir)

