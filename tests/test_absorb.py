@@ -106,13 +106,16 @@ def test_bad_inputs():
 
 
 def test_parse_allocation_spec():
-    assert parse_allocation_spec("owl") == ("owl", False, None)
-    assert parse_allocation_spec("Alpha+absorb") == ("alpha", True, None)
-    assert parse_allocation_spec("uniform+absorb") == ("uniform", True, None)
+    assert parse_allocation_spec("owl") == ("owl", None, False, False)
+    assert parse_allocation_spec("Alpha+absorb") == ("alpha", None, True, False)
+    assert parse_allocation_spec("uniform+absorb") == ("uniform", None, True, False)
+    assert parse_allocation_spec("linear:auto").base == "linear:auto"
+    assert parse_allocation_spec("search:owl+absorb") == ("owl", None, True, True)
     spec = parse_allocation_spec("file:my+list.json+absorb")
     assert spec.base == "file" and spec.absorb and spec.path == Path("my+list.json")
     assert parse_allocation_spec("file:/tmp/s.json").path == Path("/tmp/s.json")
-    for bad in ("", "owl+", "magic", "file:", "file+absorb"):
+    for bad in ("", "owl+", "magic", "file:", "file+absorb", "owl:3", "linear:fast",
+                "search:search"):
         with pytest.raises(UserError):
             parse_allocation_spec(bad)
 
@@ -122,7 +125,7 @@ def test_damage_is_made_relative_before_the_clip():
     import math
 
     from sparsealloc.allocation import absorption_correction
-    from sparsealloc.probe.absorption import relative_damage
+    from sparsealloc.probe.coefficients import relative_damage
 
     raw = [0.3, 0.1, 0.12, 0.2]
     rel = relative_damage(raw)

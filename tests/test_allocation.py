@@ -22,8 +22,8 @@ from sparsealloc.allocation import (
     uniform_allocation,
     weighted_mean,
 )
-from sparsealloc.allocation import spectra as spectra_mod
 from sparsealloc.errors import UserError
+from sparsealloc.stats import spectra as spectra_mod
 
 EXACT = 1e-9
 WEIGHTS5 = [1.0, 3.0, 0.5, 7.0, 2.0]

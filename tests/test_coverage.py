@@ -5,9 +5,9 @@ import torch
 from tiny_models import tiny_model
 from torch import nn
 
+from sparsealloc.blockwise import measured_sparsity
 from sparsealloc.errors import UserError
 from sparsealloc.models.arch import MAX_UNPRUNED_SHARE, discover
-from sparsealloc.pruning import measured_sparsity
 
 
 class _Block(nn.Module):

@@ -4,10 +4,10 @@ import pytest
 import torch
 from tiny_models import random_ids, tiny_model, tiny_tokenizer
 
+from sparsealloc.blockwise import measured_sparsity, prune_sequential
 from sparsealloc.models.load import load_model, save_model
 from sparsealloc.pruners import get_pruner
 from sparsealloc.pruners.masks import parse_pattern
-from sparsealloc.pruning import measured_sparsity, prune_sequential
 from sparsealloc.runner import BlockRunner
 
 DENSE_FAMILIES = ["llama3", "gemma2", "phi3", "qwen3", "mistral_sw", "cohere", "olmo2"]

@@ -7,18 +7,17 @@ import torch
 from tiny_models import save_tiny
 from typer.testing import CliRunner
 
-import sparsealloc.allocate as allocate_mod
+import sparsealloc.allocation.linear as linear_mod
 import sparsealloc.tuning as tuning
 from sparsealloc import allocation as A
-from sparsealloc.allocate import (
-    LINEAR_AUTO_SPANS,
-    AllocationOptions,
-    compute_allocation,
-    linear_auto_betas,
-)
+from sparsealloc.allocation import AllocationContext, AllocationOptions
+from sparsealloc.allocation.dlp import block_dlp_scores
+from sparsealloc.allocation.linear import LINEAR_AUTO_SPANS, Linear, linear_auto_betas
+from sparsealloc.allocation.lsa import block_reconstruction_errors
 from sparsealloc.cli import app
 from sparsealloc.errors import UserError
 from sparsealloc.models.arch import weight_out_in
+from sparsealloc.plan import compute_allocation
 from sparsealloc.protocol import Protocol
 from sparsealloc.session import Session
 
@@ -167,10 +166,10 @@ def test_lsa_block_error_and_default_alpha():
 
 # ---------------------------------------------------------------- specs and options
 def test_specs_parse():
-    assert A.parse_allocation_spec("dlp") == ("dlp", False, None)
-    assert A.parse_allocation_spec("LSA+absorb") == ("lsa", True, None)
+    assert A.parse_allocation_spec("dlp") == ("dlp", None, False, False)
+    assert A.parse_allocation_spec("LSA+absorb") == ("lsa", None, True, False)
     assert A.parse_allocation_spec("linear:auto").base == "linear:auto"
-    with pytest.raises(UserError, match="dlp, lsa"):
+    with pytest.raises(UserError, match="dlp, lsa, file:PATH"):
         A.parse_allocation_spec("dlpx")
 
 
@@ -257,9 +256,9 @@ def test_session_statistics_match_direct_computation(tmp_path):
             per_linear.append(A.lsa_reconstruction_error(W, H, 128, 0.5))
         dlp.append(float(torch.cat([s.reshape(-1) for s in scores]).float().median()))
         errs.append(sum(per_linear) / len(per_linear))
-    assert allocate_mod.dlp_scores(session, "median") == pytest.approx(dlp, rel=1e-4)
-    assert allocate_mod.lsa_errors(session, 128, 0.5) == pytest.approx(errs, rel=1e-3)
-    allocate_mod.lsa_errors(session, 128, 0.5)
+    assert block_dlp_scores(session, "median") == pytest.approx(dlp, rel=1e-4)
+    assert block_reconstruction_errors(session, 128, 0.5) == pytest.approx(errs, rel=1e-3)
+    block_reconstruction_errors(session, 128, 0.5)
     assert session.counters["lsa_stats_passes"] == 1  # cached
 
 
@@ -267,7 +266,7 @@ def test_linear_auto_end_to_end(tmp_path, monkeypatch):
     folder, text = save_tiny(tmp_path)
     held_out = (str(text), "eval")  # the tiny text stands in for the tuning slice
     monkeypatch.setattr(tuning, "tune_corpus", lambda calib: held_out)
-    monkeypatch.setattr(allocate_mod, "tune_corpus", lambda calib: held_out)
+    monkeypatch.setattr(linear_mod, "tune_corpus", lambda calib: held_out)
     session = Session(str(folder), Protocol(nsamples=4, seqlen=32, calib="c4", eval_tokens=256),
                       progress=False)
     dense = {k: weight_out_in(m).clone() for k, m in session.arch.linears(0).items()}
@@ -296,30 +295,20 @@ def test_linear_auto_picks_the_lowest_tuning_perplexity(monkeypatch):
         model = None
         progress = False
 
-        def eval_ids(self, name, split):
-            assert (name, split) == ("c4", "tune")  # never the evaluation corpus
-            return torch.zeros(1, 4, dtype=torch.long)
-
         def restore_dense(self):
             pruned.append("restored")
 
-        def timed(self, stage):
-            import contextlib
+        def prune(self, pruner, pattern, block_sparsity, target=None, spec=""):
+            pruned.append(list(block_sparsity))
 
-            return contextlib.nullcontext()
+        def perplexity(self, corpora, split, stage):
+            assert (corpora, split) == (["c4"], "tune")  # never the evaluation corpus
+            span = pruned[-1][-1] - pruned[-1][0]
+            return {"c4": {"ppl": 10.0 + abs(span - 0.12)}}  # best at span 0.12
 
-    def fake_prune(session, pruner, pattern, block_sparsity, target=None, spec=""):
-        pruned.append(list(block_sparsity))
-        return None, 0.0, []
-
-    def fake_ppl(model, windows, device, progress, desc):
-        span = pruned[-1][-1] - pruned[-1][0]
-        return {"ppl": 10.0 + abs(span - 0.12)}  # best at span 0.12
-
-    monkeypatch.setattr(tuning, "prune_from_dense", fake_prune)
-    monkeypatch.setattr(tuning, "perplexity", fake_ppl)
-    s, rec = allocate_mod.linear_auto(FakeSession(), 0.7, AllocationOptions(), "wanda",
-                                      "unstructured")
+    ctx = AllocationContext(FakeSession(), "wanda", "unstructured")
+    base = Linear().allocate(ctx, 0.7, AllocationOptions().of("linear"), "auto")
+    s, rec = torch.tensor(base.block_sparsity), base.record
     assert rec["linear_span_used"] == pytest.approx(0.12)
     assert len(rec["beta_curve"]) == len(LINEAR_AUTO_SPANS) and pruned[-1] == "restored"
     assert float(s[-1] - s[0]) == pytest.approx(0.12)

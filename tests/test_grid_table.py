@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sparsealloc.allocate import AllocationOptions
+from sparsealloc.allocation import AllocationOptions
 from sparsealloc.report import tables
 
 DEFAULTS = AllocationOptions().record()

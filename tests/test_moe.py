@@ -7,13 +7,13 @@ import torch
 from tiny_models import MOE_ARCHS, random_ids, save_tiny_moe, tiny_model, tiny_moe, tiny_tokenizer
 from typer.testing import CliRunner
 
+from sparsealloc.blockwise import measured_sparsity, prune_sequential
 from sparsealloc.cli import app
 from sparsealloc.models.arch import MAX_UNPRUNED_SHARE, discover, is_linear
 from sparsealloc.models.experts import ExpertLinears, fused_experts, unfuse_experts
 from sparsealloc.models.load import load_model, save_model
 from sparsealloc.pruners import InputNormStats, MagnitudePruner, get_pruner
 from sparsealloc.pruners.masks import parse_pattern
-from sparsealloc.pruning import measured_sparsity, prune_sequential
 from sparsealloc.runner import BlockRunner, collect_inputs
 
 UNSTRUCTURED = parse_pattern("unstructured")

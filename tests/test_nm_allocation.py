@@ -9,11 +9,10 @@ import pytest
 from tiny_models import save_tiny
 from typer.testing import CliRunner
 
-from sparsealloc import correction
-from sparsealloc.allocate import Allocation, AllocationOptions
-from sparsealloc.allocation.nm import achieved_budget, check_levels_meet, nm_levels
+from sparsealloc.allocation import Allocation, AllocationOptions
 from sparsealloc.cli import app
 from sparsealloc.errors import UserError
+from sparsealloc.pruners.nm_levels import achieved_budget, check_levels_meet, nm_levels
 
 
 def test_levels_hand_computed():
@@ -76,20 +75,22 @@ def test_nm_that_cannot_honour_a_file_allocation_exits_2(tmp_path):
     assert (tmp_path / "run" / "result.json").read_text() == "old"  # refused before the work
 
 
-def test_correction_probes_with_the_rows_pattern(monkeypatch):
+def test_correction_probes_with_the_rows_pattern():
     seen = {}
 
     def fake_coefficients(session, **kwargs):
         seen.update(kwargs)
         return [1.0, 1.0, 1.0]
 
-    import sparsealloc.probe as probe
-
-    monkeypatch.setattr(probe, "absorption_coefficients", fake_coefficients)
+    from sparsealloc.allocation import correction
 
     class FakeSession:
         params_per_block = [1, 1, 1]
 
+        def absorption(self, **kwargs):
+            return fake_coefficients(self, **kwargs)
+
     alloc = Allocation(spec="uniform+absorb", target_sparsity=0.5, block_sparsity=[0.5] * 3)
-    correction.apply_correction(FakeSession(), alloc, AllocationOptions(), "wanda", "2:4")
+    correction.apply_correction(FakeSession(), alloc, AllocationOptions().of("absorb"), "wanda",
+                                "2:4")
     assert seen["pattern"] == "2:4" and seen["sparsity"] == 0.5

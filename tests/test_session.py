@@ -4,9 +4,9 @@ import pytest
 import torch
 from tiny_models import save_tiny
 
-from sparsealloc.allocate import compute_allocation
 from sparsealloc.models.arch import weight_out_in
 from sparsealloc.pipeline import prune_with
+from sparsealloc.plan import compute_allocation
 from sparsealloc.protocol import Protocol
 from sparsealloc.session import Session
 

@@ -7,8 +7,7 @@ import torch
 from tiny_models import save_tiny
 from typer.testing import CliRunner
 
-from sparsealloc import correction
-from sparsealloc.allocate import AllocationOptions
+from sparsealloc.allocation import AllocationOptions, correction
 from sparsealloc.cli import app
 
 runner = CliRunner()
@@ -111,32 +110,20 @@ def test_auto_gamma_picks_zero_when_every_gamma_hurts(monkeypatch):
         model = None
         progress = False
 
-        def eval_ids(self, name, split):
-            assert (name, split) == ("c4", "tune")  # never the evaluation corpus
-            return torch.zeros(1, 4, dtype=torch.long)
-
         def restore_dense(self):
             pass
 
-        def timed(self, stage):
-            import contextlib
+        def prune(self, pruner, pattern, block_sparsity, target=None, spec=""):
+            calls.append(list(block_sparsity))
 
-            return contextlib.nullcontext()
+        def perplexity(self, corpora, split, stage):
+            assert (corpora, split) == (["c4"], "tune")  # never the evaluation corpus
+            s = calls[-1]
+            return {"c4": {"ppl": 10.0 + 100 * abs(s[0] - 0.5)}}  # departures from uniform hurt
 
-    def fake_prune(session, pruner, pattern, block_sparsity, target=None, spec=""):
-        calls.append(list(block_sparsity))
-        return None, 0.0, []
-
-    def fake_ppl(model, windows, device, progress, desc):
-        s = calls[-1]
-        return {"ppl": 10.0 + 100 * abs(s[0] - 0.5)}  # any departure from uniform hurts
-
-    import sparsealloc.tuning as tuning
-
-    monkeypatch.setattr(tuning, "prune_from_dense", fake_prune)
-    monkeypatch.setattr(tuning, "perplexity", fake_ppl)
     gamma, curve = correction.choose_gamma(FakeSession(), [0.5, 0.5, 0.5], [3.0, 1.0, 0.3], 0.5,
-                                           AllocationOptions(), "wanda", "unstructured")
+                                           AllocationOptions().of("absorb"), "wanda",
+                                           "unstructured")
     assert gamma == 0.0
     assert [c["gamma"] for c in curve] == list(correction.AUTO_GAMMAS)
     assert curve[0]["tune_ppl"] < curve[-1]["tune_ppl"]
@@ -158,7 +145,7 @@ def test_gamma_option_parsing():
 
 
 def test_auto_gamma_searches_a_user_grid(monkeypatch):
-    from sparsealloc.allocate import Allocation
+    from sparsealloc.allocation import Allocation
 
     seen = {}
 
@@ -176,7 +163,8 @@ def test_auto_gamma_searches_a_user_grid(monkeypatch):
             calib = "c4"
 
     alloc = Allocation(spec="uniform+absorb", target_sparsity=0.5, block_sparsity=[0.5] * 3)
-    out = correction.apply_correction(S(), alloc, AllocationOptions(absorb_gamma="auto:0.05"))
+    out = correction.apply_correction(S(), alloc,
+                                      AllocationOptions(absorb_gamma="auto:0.05").of("absorb"))
     assert seen["grid"] == (0.0, 0.05)
     assert out.options["absorb_gamma_used"] == 0.05
     assert out.block_sparsity[0] < 0.5 < out.block_sparsity[2]  # amplifying block protected

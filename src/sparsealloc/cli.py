@@ -6,11 +6,16 @@ import contextlib
 import functools
 import inspect
 import sys
+import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from .allocation import AllocationOptions
+from .allocation.correction import parse_gamma
+from .allocation.registry import allocation_choices, option_fields
 from .errors import UserError
 from .progress import set_quiet
 from .protocol import EvalRequest
@@ -44,45 +49,14 @@ Out = Annotated[Path | None, typer.Option(help="run folder (result file written 
 Sparsity = Annotated[float, typer.Option(help="target mean sparsity in [0,1)")]
 Pruner = Annotated[str, typer.Option(help="magnitude, wanda or sparsegpt")]
 Pattern = Annotated[str, typer.Option(help="unstructured, 2:4, 4:8 or N:M")]
-Allocation = Annotated[str, typer.Option(help="uniform, owl, alpha, dlp, lsa, linear, "
-                       "linear:auto, file:PATH; add +absorb for the absorption correction")]
+Allocation = Annotated[str, typer.Option(help=f"allocation: {allocation_choices()}")]
 Ppl = Annotated[str | None, typer.Option("--eval", "--ppl", help="perplexity corpora, comma "
                 "separated (wikitext2, c4, a file); '' for none (default: wikitext2, or none "
                 "when --tasks is given)")]
 Tasks = Annotated[str, typer.Option(help="zero-shot tasks (lm-eval), comma separated")]
 Limit = Annotated[int | None, typer.Option(help="examples per zero-shot task")]
 EvalBatch = Annotated[int, typer.Option("--batch-size", help="lm-eval batch size")]
-OwlM = Annotated[float, typer.Option(help="OWL outlier threshold M")]
-OwlLambda = Annotated[float, typer.Option(help="OWL lambda")]
-AlphaEps = Annotated[float, typer.Option(help="AlphaPruning epsilon")]
-LinearBeta = Annotated[float | None, typer.Option(help="linear schedule slope per block")]
-LinearSpans = Annotated[str, typer.Option(help="linear:auto: total spans beta*(L-1) to try, "
-                        "comma separated (0 always added)")]
-DlpAlpha = Annotated[float, typer.Option(help="DLP alpha (sparsities span 2*alpha)")]
-DlpStatistic = Annotated[str, typer.Option(help="DLP block statistic of the Wanda scores: "
-                         "median (the paper) or mean (the reference's unstructured code)")]
-LsaAlpha = Annotated[float | None, typer.Option(help="LSA alpha (span 2*alpha); default: the "
-                     "reference's per-sparsity table, 0.15 at 70%")]
-LsaBlockSize = Annotated[int, typer.Option(help="LSA input-column group size (0: whole rows)")]
-LsaRatio = Annotated[float, typer.Option(help="share of each group LSA drops to measure the "
-                     "reconstruction error")]
-AbsorbEta = Annotated[float, typer.Option(help="noise magnitude of the absorption probe")]
-AbsorbGamma = Annotated[str, typer.Option(
-    help="largest sparsity shift; 'auto' chooses it from 0,0.02,0.04,0.08,0.12,0.16 on held-out "
-         "calibration text; 'auto:0.05,0.1' from your own grid")]
-AbsorbClip = Annotated[float, typer.Option(help="bound on |ln r|")]
-AbsorbFinal = Annotated[str, typer.Option(help="final drift: last, norm, kl, abs (absolute "
-                                          "gain, no residual-growth dilution) or damage "
-                                          "(sqrt KL, not a ratio: a reference point)")]
-AbsorbMode = Annotated[str, typer.Option(help="prune (the block pruned alone) or noise "
-                      "(Gaussian, relative size --absorb-eta)")]
-AbsorbBudget = Annotated[str, typer.Option(help="budget restoration: shift or rescale")]
 AbsorbPositions = Annotated[str, typer.Option(help="perturbed positions: all or skip-first")]
-AbsorbNSamples = Annotated[int, typer.Option(help="calibration sequences the absorption probe "
-                           "uses (the first ones)")]
-AbsorbDraws = Annotated[int, typer.Option(help="noise draws per sequence for the probe")]
-ExpertAllocation = Annotated[str, typer.Option(help="mixture of experts: a block's sparsity over "
-                             "its experts, uniform or owl (budget exact per block)")]
 
 
 def _split(text: str) -> list[str]:
@@ -113,48 +87,55 @@ def protocol_options(
                     allow_long_seqlen=allow_long_seqlen)
 
 
-def allocation_options(
-    owl_m: OwlM = 5.0, owl_lambda: OwlLambda = 0.08, alpha_eps: AlphaEps = 0.3,
-    linear_beta: LinearBeta = None, absorb_eta: AbsorbEta = 1e-2,
-    absorb_gamma: AbsorbGamma = "0.04", absorb_clip: AbsorbClip = 1.0986122886681098,
-    absorb_final: AbsorbFinal = "last", absorb_mode: AbsorbMode = "prune",
-    absorb_budget: AbsorbBudget = "shift", absorb_positions: AbsorbPositions = "all",
-    absorb_nsamples: AbsorbNSamples = 16, absorb_draws: AbsorbDraws = 1,
-    linear_spans: LinearSpans = "0,0.04,0.08,0.12,0.16,0.24,0.32", dlp_alpha: DlpAlpha = 0.15,
-    dlp_statistic: DlpStatistic = "median", lsa_alpha: LsaAlpha = None,
-    lsa_block_size: LsaBlockSize = 128, lsa_ratio: LsaRatio = 0.5,
-    expert_allocation: ExpertAllocation = "uniform",
-):
-    """Allocator and correction hyperparameters (``AllocationOptions``)."""
-    from .allocate import AllocationOptions
-    from .allocation.experts import check_expert_allocation
-    from .correction import parse_gamma
+_GROUP_ORDER = ("owl", "alpha", "linear", "dlp", "lsa", "absorb", "expert", "search")
 
-    gamma = parse_gamma(absorb_gamma)
-    spans = tuple(_floats(linear_spans, "--linear-spans", "0.08,0.16"))
-    if any(x < 0 or x >= 1 for x in spans):
-        raise UserError(f"--linear-spans must be in [0, 1), e.g. 0.08,0.16 (got {linear_spans!r})")
-    if lsa_block_size < 0 or not (0.0 < lsa_ratio <= 1.0):
-        raise UserError("--lsa-block-size must be >= 0 (0: whole rows) and --lsa-ratio in (0, 1], "
-                        f"got {lsa_block_size} and {lsa_ratio}")
-    check_expert_allocation(expert_allocation)
-    for name, value, allowed in (("--absorb-final", absorb_final,
-                                  ("last", "norm", "kl", "abs", "damage")),
-                                 ("--absorb-mode", absorb_mode, ("noise", "prune")),
-                                 ("--absorb-budget", absorb_budget, ("shift", "rescale")),
-                                 ("--absorb-positions", absorb_positions, ("all", "skip-first")),
-                                 ("--dlp-statistic", dlp_statistic, ("median", "mean"))):
-        if value not in allowed:
-            raise UserError(f"{name} must be one of {', '.join(allowed)} (got {value!r})")
-    return AllocationOptions(owl_m=owl_m, owl_lambda=owl_lambda, alpha_eps=alpha_eps,
-                             linear_beta=linear_beta, absorb_eta=absorb_eta, absorb_gamma=gamma,
-                             absorb_clip=absorb_clip, absorb_final=absorb_final,
-                             absorb_mode=absorb_mode, absorb_budget=absorb_budget,
-                             absorb_positions=absorb_positions, absorb_nsamples=absorb_nsamples,
-                             absorb_draws=absorb_draws, linear_spans=spans, dlp_alpha=dlp_alpha,
-                             dlp_statistic=dlp_statistic, lsa_alpha=lsa_alpha,
-                             lsa_block_size=lsa_block_size, lsa_ratio=lsa_ratio,
-                             expert_allocation=expert_allocation)
+
+def _cli_type(hint: Any, default: Any) -> tuple[Any, Any, Callable[[Any], Any]]:
+    """The CLI type, default and converter of an option field's type."""
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        text = ",".join(str(x) for x in default)
+        return str, text, lambda v, item=item: tuple(item(x) for x in _split(v))
+    args = set(typing.get_args(hint))
+    if args and str in args:  # a number or a keyword (e.g. gamma: 0.04 | auto)
+        return str, str(default), str
+    return hint, default, lambda v: v
+
+
+def _option_fields() -> list[tuple[str, str, Any, Any]]:
+    order = {p: i for i, p in enumerate(_GROUP_ORDER)}
+    fields = sorted(option_fields(), key=lambda t: order.get(t[0], len(order)))
+    return [(key, f.metadata.get("help", ""), hint, f.default) for _, key, f, hint in fields]
+
+
+def _make_allocation_options() -> Callable[..., Any]:
+    """The builder of ``AllocationOptions`` whose parameters are every registered allocator's
+    (and modifier's) options: a field ``m`` of group ``owl`` is ``--owl-m``."""
+    params, convert = [], {}
+    for key, help_text, hint, default in _option_fields():
+        cli_type, cli_default, conv = _cli_type(hint, default)
+        flag = "--" + key.replace("_", "-")
+        params.append(inspect.Parameter(
+            key, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=cli_default,
+            annotation=Annotated[cli_type, typer.Option(flag, help=help_text)]))
+        convert[key] = (flag, conv)
+
+    def allocation_options(**values: Any) -> Any:
+        flat = {}
+        for key, value in values.items():
+            flag, conv = convert[key]
+            try:
+                flat[key] = conv(value)
+            except ValueError:
+                raise UserError(f"{flag} must be numbers separated by commas (got "
+                                f"{value!r})") from None
+        return AllocationOptions(**flat)
+
+    allocation_options.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return allocation_options
+
+
+allocation_options = _make_allocation_options()
 
 
 def eval_options(ppl: Ppl = None, tasks: Tasks = "", limit: Limit = None,
@@ -433,8 +414,6 @@ def table(
         "--all", help="grid: also settings without a +absorb row (baselines only)")] = False,
 ) -> None:
     """Markdown tables from result files: rows are picked by their recorded options."""
-    from .allocate import AllocationOptions
-    from .correction import parse_gamma
     from .report.tables import table as render_table
 
     variant = {"absorb_mode": mode, "absorb_final": final, "absorb_gamma": parse_gamma(gamma)}

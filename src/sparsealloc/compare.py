@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .allocate import AllocationOptions, compute_allocation
-from .allocation import parse_allocation_spec
+from .allocation import AllocationOptions, parse_allocation_spec
 from .errors import check
 from .evaluation.paired import paired_change
 from .io import write_json, write_text
@@ -24,6 +23,7 @@ from .pipeline import (
     prune_with,
     warn,
 )
+from .plan import compute_allocation
 from .protocol import Protocol
 from .report.plots import plot_compare
 from .session import Session

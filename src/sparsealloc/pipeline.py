@@ -8,22 +8,22 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .allocate import Allocation, AllocationOptions, compute_allocation
-from .allocation import TUNED_BASES, AllocationSpec, file_allocation, parse_allocation_spec
-from .allocation.nm import achieved_budget, check_levels_meet, nm_levels
-from .correction import is_auto
+from .allocation import Allocation, AllocationOptions, AllocationSpec, file_allocation
+from .allocation import parse_allocation_spec as parse_allocation_spec
+from .allocation.correction import is_auto
+from .blockwise import check_patterns, measured_sparsity, nonfinite_blocks
 from .data.corpora import check_corpus
 from .errors import UserError, check
 from .io import write_json
 from .outputs import check_out_dir, check_save_target, start_run_dir
+from .plan import compute_allocation
 from .probe import ProbeConfig, run_probe
 from .protocol import EvalRequest, Protocol, check_sparsity
 from .pruners import get_pruner
 from .pruners.masks import check_pattern_target, parse_pattern
-from .pruning import check_patterns, measured_sparsity, nonfinite_blocks
+from .pruners.nm_levels import achieved_budget, check_levels_meet, nm_levels
 from .report.plots import plot_allocations, plot_probe
 from .session import Session
-from .tuning import prune_from_dense
 
 
 class DivergedError(UserError):
@@ -126,8 +126,8 @@ def base_record(session: Session) -> dict:
 
 def prune_with(session: Session, pruner_name: str, pattern_text: str, alloc: Allocation) -> dict:
     """Prune the session's model (from its dense weights) with ``alloc``; return the record."""
-    done = prune_from_dense(session, pruner_name, pattern_text, alloc.block_sparsity,
-                            alloc.target_sparsity, alloc.spec, alloc.expert_sparsity)
+    done = session.prune(pruner_name, pattern_text, alloc.block_sparsity, alloc.target_sparsity,
+                         alloc.spec, alloc.expert_sparsity)
     measured = measured_sparsity(session.arch)
     bad = nonfinite_blocks(session.arch)
     experts = done.report.record(session.arch)
@@ -177,7 +177,7 @@ def run_prune(
     if session is None:  # one prune: no dense copy unless a search (gamma auto, linear:auto)
         auto = options is not None and is_auto(options.absorb_gamma) and spec.absorb
         session = Session(model, protocol, progress=progress,
-                          keep_dense=auto or spec.base in TUNED_BASES)
+                          keep_dense=auto or spec.tuned() or spec.search)
     check_against_model(session, [spec], pattern)
     run_dir = start_run_dir(out, "prune")
     alloc = compute_allocation(session, allocation, sparsity, options, pruner, pattern)

@@ -9,20 +9,43 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
+from .blockwise import PruneReport, check_patterns, prune_sequential
 from .cache import cache_root
 from .data.corpora import Corpus, calibration_windows, eval_windows, load_corpus, tokenize
 from .errors import UserError
 from .evaluation.perplexity import perplexity
-from .models.arch import discover, weight_out_in
+from .models.arch import discover, in_features, weight_out_in
 from .models.load import load_model
+from .probe.coefficients import absorption_coefficients
 from .protocol import Protocol
-from .runner import Activations, BlockRunner
+from .pruners import Pruner, get_pruner
+from .pruners.masks import UNSTRUCTURED, Pattern, parse_pattern
+from .pruners.nm_levels import check_levels_meet, nm_levels
+from .pruners.wanda import InputNormStats
+from .runner import Activations, BlockRunner, collect_inputs
+from .stats.spectra import block_alphas
+
+T = TypeVar("T")
+
+
+@dataclass
+class Pruned:
+    """What :meth:`Session.prune` did: the pruner, its seconds, every block's pattern and the
+    runner's report (experts without tokens, statistics passes)."""
+
+    pruner: Pruner
+    seconds: float
+    patterns: list[Pattern]
+    report: PruneReport
 
 
 class Session:
@@ -124,6 +147,88 @@ class Session:
             raise RuntimeError("the dense weights were not kept and the model has been pruned")
         return {n: weight_out_in(m) for n, m in self.arch.linears(index).items()}
 
+    # ---------------------------------------------------------------- shared statistics
+    def memo(self, key: str, compute: Callable[[], T], counter: str | None = None) -> T:
+        """``compute()`` once per session (the result is reused by every row); ``counter``
+        counts how often it actually ran (recorded as ``shared_work``)."""
+        if key not in self.cache:
+            if counter is not None:
+                self.counters[counter] = self.counters.get(counter, 0) + 1
+            self.cache[key] = compute()
+        return self.cache[key]  # type: ignore[return-value]
+
+    def dense_pass(self, desc: str) -> Iterator[tuple[int, Activations]]:
+        """Walk the dense model block by block on the calibration data: yields ``(index,
+        activations entering it)``; the block runs on them after the body (the runner's
+        sequential protocol)."""
+        self.restore_dense()
+        acts = self.capture()
+        for index in self.runner.sequential(acts, desc=desc):
+            yield index, acts
+
+    def owl_norms(self) -> list[dict[str, torch.Tensor]]:
+        """Wanda's per-column input norms of every linear on the dense model (OWL, DLP)."""
+        def compute() -> list[dict[str, torch.Tensor]]:
+            norms = []
+            with self.timed("dense_stats"):
+                for index, acts in self.dense_pass("dense statistics"):
+                    linears = self.arch.linears(index)
+                    stats = {n: InputNormStats(in_features(m)) for n, m in linears.items()}
+                    with collect_inputs(linears, stats):
+                        self.runner.run_block(index, acts)
+                    norms.append({n: st.scaler_row.clone() for n, st in stats.items()})
+            return norms
+
+        return self.memo("owl_norms", compute, counter="dense_stats_passes")
+
+    def alphas(self) -> list[float]:
+        """AlphaPruning's mean heavy-tail exponent per block of the dense weights (cached on
+        disk by a hash of the weights)."""
+        def compute() -> list[float]:
+            blocks = [list(self.dense_weights(i).values()) for i in range(self.arch.num_blocks)]
+            with self.timed("spectra"):
+                return block_alphas(blocks, cache_path=self.cache_dir("spectra"))[0]
+
+        return self.memo("alphas", compute)
+
+    def absorption(self, **probe: Any) -> list[float]:
+        """Absorption coefficients r_l of the dense model (see
+        :func:`sparsealloc.probe.coefficients.absorption_coefficients` for the arguments)."""
+        return absorption_coefficients(self, **probe)
+
+    # ---------------------------------------------------------------- pruning
+    def block_patterns(self, pattern: Pattern, block_sparsity: Sequence[float], target: float,
+                       spec: str = "") -> list[Pattern]:
+        """One pattern per block: the pattern itself, or under N:M one N per block from the
+        allocation (mixed N:M, M fixed; see :mod:`sparsealloc.pruners.nm_levels`)."""
+        if not pattern.is_nm:
+            return [pattern] * self.arch.num_blocks
+        levels = nm_levels(block_sparsity, pattern.m, self.params_per_block, target=target)
+        check_levels_meet(levels, pattern.m, target, self.params_per_block, spec)
+        return [Pattern("nm", n, pattern.m) if n > 0 else UNSTRUCTURED for n in levels]
+
+    def prune(self, pruner_name: str, pattern_text: str, block_sparsity: Sequence[float],
+              target: float | None = None, spec: str = "",
+              expert_sparsity: Sequence[Mapping[str, float]] | None = None) -> Pruned:
+        """Prune the model from its dense weights, block by block on the calibration data
+        (under N:M each block gets its own N from ``block_sparsity``; ``expert_sparsity``
+        splits a block's budget over its experts). The model stays pruned until the next
+        :meth:`restore_dense`."""
+        pruner = get_pruner(pruner_name)
+        pattern = parse_pattern(pattern_text)
+        check_patterns(self.arch, pattern)
+        target = pattern.nm_sparsity if target is None else target
+        patterns = self.block_patterns(pattern, block_sparsity, target, spec)
+        sparsities = [p.nm_sparsity for p in patterns] if pattern.is_nm else list(block_sparsity)
+        self.restore_dense()
+        acts = self.capture()
+        start = time.perf_counter()
+        with self.timed("prune"):
+            self.modified = True
+            report = prune_sequential(self.runner, acts, pruner, sparsities, patterns,
+                                      expert_sparsity=expert_sparsity)
+        return Pruned(pruner, time.perf_counter() - start, patterns, report)
+
     # ---------------------------------------------------------------- data
     def corpus(self, name: str, split: str) -> Corpus:
         corpus = load_corpus(name, split, self.protocol.data_dir)
@@ -166,14 +271,18 @@ class Session:
                                            self.protocol.eval_tokens, self.window_bos)
         return self.cache[key]
 
-    def perplexity(self, corpora: list[str]) -> dict[str, dict]:
+    def perplexity(self, corpora: list[str], split: str = "eval",
+                   stage: str = "eval_ppl") -> dict[str, dict]:
+        """Perplexity of the model as it is now on each corpus (``split``: the role, see
+        :func:`sparsealloc.data.corpora.load_corpus`)."""
         out = {}
         self.model.to(self.protocol.device)
         try:
-            with self.timed("eval_ppl"):
+            with self.timed(stage):
                 for name in corpora:
-                    out[name] = perplexity(self.model, self.eval_ids(name), self.protocol.device,
-                                           progress=self.progress, desc=f"ppl {name}")
+                    out[name] = perplexity(self.model, self.eval_ids(name, split),
+                                           self.protocol.device, progress=self.progress,
+                                           desc=f"ppl {name}")
         finally:
             self.model.to("cpu")
         return out

@@ -7,16 +7,9 @@ corpus (never the evaluation corpus); the model is restored to its dense weights
 
 from __future__ import annotations
 
-import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
-from .allocation.nm import check_levels_meet, nm_levels
 from .errors import UserError
-from .evaluation.perplexity import perplexity
-from .pruners import Pruner, get_pruner
-from .pruners.masks import UNSTRUCTURED, Pattern, parse_pattern
-from .pruning import PruneReport, check_patterns, prune_sequential
 from .session import Session
 
 
@@ -33,51 +26,6 @@ def tune_corpus(calib: str) -> tuple[str, str]:
     )
 
 
-def block_patterns(session: Session, pattern: Pattern, block_sparsity: Sequence[float],
-                   target: float, spec: str = "") -> list[Pattern]:
-    """One pattern per block: the pattern itself, or under N:M one N per block from the
-    allocation (mixed N:M, M fixed; see :mod:`sparsealloc.allocation.nm`)."""
-    if not pattern.is_nm:
-        return [pattern] * session.arch.num_blocks
-    w = session.params_per_block
-    levels = nm_levels(block_sparsity, pattern.m, w, target=target)
-    check_levels_meet(levels, pattern.m, target, w, spec)
-    return [Pattern("nm", n, pattern.m) if n > 0 else UNSTRUCTURED for n in levels]
-
-
-@dataclass
-class Pruned:
-    """What :func:`prune_from_dense` did: the pruner, its seconds, every block's pattern and the
-    runner's report (experts without tokens, statistics passes)."""
-
-    pruner: Pruner
-    seconds: float
-    patterns: list[Pattern]
-    report: PruneReport
-
-
-def prune_from_dense(session: Session, pruner_name: str, pattern_text: str,
-                     block_sparsity: Sequence[float], target: float | None = None,
-                     spec: str = "",
-                     expert_sparsity: Sequence[Mapping[str, float]] | None = None) -> Pruned:
-    """Prune the session's model from its dense weights (under N:M each block gets its own N
-    from ``block_sparsity``; ``expert_sparsity`` splits a block's budget over its experts)."""
-    pruner = get_pruner(pruner_name)
-    pattern = parse_pattern(pattern_text)
-    check_patterns(session.arch, pattern)
-    target = pattern.nm_sparsity if target is None else target
-    patterns = block_patterns(session, pattern, block_sparsity, target, spec)
-    sparsities = [p.nm_sparsity for p in patterns] if pattern.is_nm else list(block_sparsity)
-    session.restore_dense()
-    acts = session.capture()
-    start = time.perf_counter()
-    with session.timed("prune"):
-        session.modified = True
-        report = prune_sequential(session.runner, acts, pruner, sparsities, patterns,
-                                  expert_sparsity=expert_sparsity)
-    return Pruned(pruner, time.perf_counter() - start, patterns, report)
-
-
 def choose_on_tuning_slice(session: Session, label: str,
                            candidates: Sequence[tuple[float, Sequence[float]]],
                            pruner: str, pattern: str) -> tuple[float, list[dict]]:
@@ -89,13 +37,10 @@ def choose_on_tuning_slice(session: Session, label: str,
     if not candidates:
         raise UserError(f"no {label} values to choose from; give at least one")
     name, split = tune_corpus(session.protocol.calib)
-    windows = session.eval_ids(name, split)
     curve = []
     for value, block_sparsity in candidates:
-        prune_from_dense(session, pruner, pattern, block_sparsity, spec=f"{label}={value:g}")
-        with session.timed(f"{label}_search"):
-            ppl = perplexity(session.model, windows, session.protocol.device,
-                             progress=session.progress, desc=f"tune {label}={value:g}")["ppl"]
+        session.prune(pruner, pattern, block_sparsity, spec=f"{label}={value:g}")
+        ppl = session.perplexity([name], split, stage=f"{label}_search")[name]["ppl"]
         curve.append({label: value, "tune_ppl": ppl})
     session.restore_dense()
     best = min(curve, key=lambda c: (c["tune_ppl"], abs(c[label])))

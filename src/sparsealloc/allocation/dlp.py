@@ -24,12 +24,15 @@ that ``m_l / sum(m)`` removes.  See :mod:`.importance` for the budget handling.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..errors import UserError
+from ..pruners.wanda import wanda_scores
 from .importance import importance_allocation
+from .registry import AllocationContext, Allocator, Base, option, register
 
 DEFAULT_ALPHA = 0.15
 STATISTICS = ("median", "mean")
@@ -70,3 +73,47 @@ def dlp_allocation(
         lo, hi: per-block bounds.
     """
     return importance_allocation(block_scores, target, alpha, weights, lo, hi)
+
+
+@dataclass(frozen=True)
+class DlpOptions:
+    alpha: float = option(DEFAULT_ALPHA, "DLP alpha: block sparsities span 2 x alpha (the "
+                          "reference's 0.15)")
+    statistic: str = option("median", "DLP block statistic of the Wanda scores: median (the "
+                            "paper) or mean (the reference code's unstructured path)")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha < 0.5:
+            raise UserError(f"--dlp-alpha must be in [0, 0.5) (got {self.alpha})")
+        if self.statistic not in STATISTICS:
+            raise UserError(f"--dlp-statistic must be one of {', '.join(STATISTICS)} (got "
+                            f"{self.statistic!r})")
+
+
+def block_dlp_scores(session, statistic: str) -> list[float]:
+    """DLP's per-block |median| (or |mean|) Wanda score on the dense model (cached)."""
+    def compute() -> list[float]:
+        norms = session.owl_norms()
+        out = []
+        for index, block_norms in enumerate(norms):
+            weights = session.dense_weights(index)
+            out.append(dlp_block_score([wanda_scores(weights[n], block_norms[n])
+                                        for n in weights], statistic))
+        return out
+
+    return session.memo(f"dlp_scores:{statistic}", compute)
+
+
+@register
+class DLP(Allocator):
+    """DLP (Chen et al., ICML 2025): a block's importance from the median Wanda score of all
+    its linears on the dense model; a larger score gets more sparsity."""
+
+    name = "dlp"
+    Options = DlpOptions
+
+    def allocate(self, ctx: AllocationContext, target: float, opts: DlpOptions,
+                 arg: str | None) -> Base:
+        scores = block_dlp_scores(ctx.session, opts.statistic)
+        return Base(dlp_allocation(scores, target, opts.alpha, weights=ctx.weights).tolist(),
+                    scores, record={"score_name": f"{opts.statistic}_wanda_score"})

@@ -10,9 +10,11 @@ layers stay at the block's sparsity, so the block's budget is met exactly.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from ..errors import UserError
 from .owl import owl_allocation
+from .registry import option, register_options
 
 EXPERT_ALLOCATIONS = ("uniform", "owl")
 
@@ -35,3 +37,16 @@ def expert_split(block_sparsity: float, ratios: Sequence[float], params: Sequenc
         lam: OWL lambda.
     """
     return [float(s) for s in owl_allocation(ratios, block_sparsity, lam, weights=params)]
+
+
+@dataclass(frozen=True)
+class ExpertOptions:
+    allocation: str = option("uniform", "MoE: split each block's sparsity over its experts "
+                             "uniformly or by their outlier ratios (owl); the block's budget "
+                             "is exact")
+
+    def __post_init__(self) -> None:
+        check_expert_allocation(self.allocation)
+
+
+register_options("expert", ExpertOptions)

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from .budget import check_weights, weighted_mean
+from .registry import AllocationContext, Allocator, Base, NoOptions, register
 
 log = logging.getLogger(__name__)
 
@@ -77,3 +78,21 @@ def file_allocation(
         log.warning("sparsity file %s: %s %.6f differs from the target %.6f; using the file as is",
                     p, kind, mean, float(target))
     return s
+
+
+@register
+class FileList(Allocator):
+    """``file:PATH``: your own per-block list (JSON), used as written."""
+
+    name = "file"
+    arg = "required"
+    arg_help = "PATH"
+
+    def check_arg(self, arg: str | None) -> None:
+        if not arg:
+            raise UserError("allocation 'file:' lacks a path; write file:PATH, e.g. "
+                            "file:sparsity.json")
+
+    def allocate(self, ctx: AllocationContext, target: float, opts: NoOptions,
+                 arg: str | None) -> Base:
+        return Base(file_allocation(arg, ctx.num_blocks).tolist(), record={"path": str(arg)})

@@ -34,12 +34,15 @@ Differences (all inactive at the published settings, S = 0.7, lambda = 0.08):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..errors import UserError
+from ..pruners.wanda import wanda_scores
 from .budget import as_vector, check_target, check_weights, restore_budget
+from .registry import AllocationContext, Allocator, Base, option, register
 
 DEFAULT_M = 5.0
 DEFAULT_LAMBDA = 0.08
@@ -100,3 +103,41 @@ def owl_allocation(
     centre = float(dn.mean()) if w is None else float((w * dn).sum() / w.sum())
     density = dn - centre + (1.0 - target)
     return restore_budget(1.0 - density, target, w, lo, hi, method="shift")
+
+
+@dataclass(frozen=True)
+class OwlOptions:
+    m: float = option(DEFAULT_M, "OWL outlier threshold M (a score above M x the layer mean)")
+    lambda_: float = option(DEFAULT_LAMBDA, "OWL lambda: block sparsities span 2 x lambda")
+
+    def __post_init__(self) -> None:
+        if not self.m > 0:
+            raise UserError(f"--owl-m must be positive (got {self.m})")
+        if not 0 <= self.lambda_ < 0.5:
+            raise UserError(f"--owl-lambda must be in [0, 0.5) (got {self.lambda_})")
+
+
+def block_outlier_ratios(session, m: float) -> list[float]:
+    """OWL's outlier ratio of every block: Wanda scores of all its linears on the dense model."""
+    norms = session.owl_norms()
+    ratios = []
+    for index, block_norms in enumerate(norms):
+        weights = session.dense_weights(index)
+        ratios.append(outlier_ratio([wanda_scores(weights[n], block_norms[n]) for n in weights],
+                                    m))
+    return ratios
+
+
+@register
+class OWL(Allocator):
+    """OWL (Yin et al., ICML 2024): fewer pruned weights where activation outliers are many."""
+
+    name = "owl"
+    Options = OwlOptions
+    score_name = "outlier_ratio"
+
+    def allocate(self, ctx: AllocationContext, target: float, opts: OwlOptions,
+                 arg: str | None) -> Base:
+        ratios = block_outlier_ratios(ctx.session, opts.m)
+        return Base(owl_allocation(ratios, target, opts.lambda_, weights=ctx.weights).tolist(),
+                    ratios)

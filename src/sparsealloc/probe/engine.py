@@ -40,8 +40,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
+from ..blockwise import prune_block
 from ..errors import UserError
 from ..models.arch import weight_out_in
+from ..pruners import get_pruner
+from ..pruners.masks import parse_pattern
 from ..runner import Activations, BlockCall, BlockRunner
 
 FINALS = ("last", "norm", "kl")  # measured at the end; "abs" comes from the drift matrix
@@ -184,10 +187,6 @@ class Probe:
                     s.states[b] = out
 
     def _pruned_outputs(self, k: int, prev: list[Tensor], calls: list[BlockCall]) -> list[Tensor]:
-        from ..pruners import get_pruner
-        from ..pruners.masks import parse_pattern
-        from ..pruning import prune_block
-
         linears = self.runner.arch.linears(k)
         dense = {n: weight_out_in(m).clone() for n, m in linears.items()}
         acts = Activations(hidden=prev, calls=[[None] * k + [c] for c in calls])

@@ -2,7 +2,8 @@
 
 r_l = E[R_final / R_l]: drift where the perturbation ends (see ``final``) over drift where it
 was injected. r_l > 1: block l's perturbations are amplified by the rest of the network;
-r_l < 1: absorbed.
+r_l < 1: absorbed. ``run_probe`` runs the probe on a session's dense model and calibration
+data; ``absorption_coefficients`` caches r_l per model, configuration and protocol.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from typing import Any
 
 from ..io import read_json, write_json
-from ..session import Session
 from .engine import Probe, ProbeConfig
+
+# ``session`` below is a :class:`sparsealloc.session.Session` (which calls these through
+# ``Session.absorption``; the probe layer sits below the session and does not import it).
 
 
 def _logit_softcap(model) -> float | None:
@@ -22,7 +26,7 @@ def _logit_softcap(model) -> float | None:
     return float(cap) if cap else None
 
 
-def run_probe(session: Session, config: ProbeConfig) -> dict:
+def run_probe(session: Any, config: ProbeConfig) -> dict:
     """Run the probe on the session's dense model and calibration data."""
     session.restore_dense()
     probe = Probe(session.runner, config, lm_head=session.model.get_output_embeddings(),
@@ -36,7 +40,7 @@ def run_probe(session: Session, config: ProbeConfig) -> dict:
     return result
 
 
-def _cache_key(session: Session, config: ProbeConfig) -> str:
+def _cache_key(session: Any, config: ProbeConfig) -> str:
     p = session.protocol
     blob = json.dumps({"model": session.model_id, "weights": session.weights_fingerprint,
                        "cfg": config.record(), "seqlen": p.seqlen,
@@ -46,7 +50,7 @@ def _cache_key(session: Session, config: ProbeConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def absorption_coefficients(session: Session, eta: float = 1e-2, final: str = "last",
+def absorption_coefficients(session: Any, eta: float = 1e-2, final: str = "last",
                             mode: str = "noise", positions: str = "all", nsamples: int = 16,
                             draws: int = 1, scale: str = "state", pruner: str = "wanda",
                             sparsity: float = 0.7, pattern: str = "unstructured",

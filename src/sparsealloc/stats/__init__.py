@@ -1,0 +1,1 @@
+"""Statistics of a model's weights that allocators read (spectra)."""
