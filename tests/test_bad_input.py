@@ -276,7 +276,7 @@ def _dead_pid() -> int:
 
 # ---------------------------------------------------------------- outputs
 def test_crashed_compare_rerun_leaves_no_old_figures(env, monkeypatch, capsys):
-    import sparsealloc.compare as compare_mod
+    import sparsealloc.jobs.compare as compare_mod
 
     for name in ("compare.json", "compare.md", "compare.png"):
         (env.out / name).write_text("old")
@@ -284,7 +284,7 @@ def test_crashed_compare_rerun_leaves_no_old_figures(env, monkeypatch, capsys):
     def boom(*args, **kwargs):
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(compare_mod, "prune_with", boom)
+    monkeypatch.setattr(compare_mod, "prune_row", boom)
     monkeypatch.setattr(sys, "argv", ["sparsealloc", *_compare(env, "--allocations", "uniform",
                                                                   "--no-dense")])
     with pytest.raises(RuntimeError, match="simulated crash"):

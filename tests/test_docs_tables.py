@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from sparsealloc.cli import app
-from sparsealloc.compare import render_markdown
+from sparsealloc.report.compare import render_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("RESULTS.md", "FINDINGS.md", "BENCHMARKS.md", "README.md")

@@ -4,11 +4,14 @@ import pytest
 import torch
 from tiny_models import save_tiny
 
+from sparsealloc.jobs.prune import prune_row
 from sparsealloc.models.arch import weight_out_in
-from sparsealloc.pipeline import prune_with
 from sparsealloc.plan import compute_allocation
 from sparsealloc.protocol import Protocol
+from sparsealloc.rows import RowSpec
 from sparsealloc.session import Session
+
+ROW = RowSpec.parse("wanda", "unstructured", 0.5, "uniform")
 
 
 def _session(tmp_path, keep_dense):
@@ -25,18 +28,18 @@ def _weights(session):
 def test_restore_gives_back_the_dense_weights(tmp_path):
     s = _session(tmp_path, keep_dense=True)
     dense = _weights(s)
-    prune_with(s, "wanda", "unstructured", compute_allocation(s, "uniform", 0.5))
+    prune_row(s, ROW, compute_allocation(s, "uniform", 0.5))
     assert any(not torch.equal(a, b) for a, b in zip(dense, _weights(s), strict=True))
     s.restore_dense()
     assert all(torch.equal(a, b) for a, b in zip(dense, _weights(s), strict=True))
     # the allocators still read dense weights after a prune
-    prune_with(s, "wanda", "unstructured", compute_allocation(s, "uniform", 0.5))
+    prune_row(s, ROW, compute_allocation(s, "uniform", 0.5))
     assert torch.equal(next(iter(s.dense_weights(0).values())), dense[0])
 
 
 def test_single_prune_keeps_no_copy_and_refuses_to_restore(tmp_path):
     s = _session(tmp_path, keep_dense=False)
-    prune_with(s, "wanda", "unstructured", compute_allocation(s, "uniform", 0.5))
+    prune_row(s, ROW, compute_allocation(s, "uniform", 0.5))
     assert s._dense is None
     with pytest.raises(RuntimeError, match="not kept"):
         s.restore_dense()
@@ -53,6 +56,6 @@ def test_cache_fingerprint_follows_the_weights_not_the_folder_name(tmp_path):
     assert a.weights_fingerprint != b.weights_fingerprint
     assert a.weights_fingerprint == same.weights_fingerprint
     # computed after a prune, it still describes the dense weights
-    prune_with(same, "wanda", "unstructured", compute_allocation(same, "uniform", 0.5))
+    prune_row(same, ROW, compute_allocation(same, "uniform", 0.5))
     del same.__dict__["weights_fingerprint"]
     assert same.weights_fingerprint == a.weights_fingerprint

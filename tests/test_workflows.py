@@ -76,7 +76,7 @@ def test_compare_reuses_dense_statistics(tmp_path):
 
 
 def test_compare_crash_keeps_finished_rows_marked_incomplete(tmp_path, monkeypatch):
-    import sparsealloc.compare as compare_mod
+    import sparsealloc.jobs.compare as compare_mod
 
     folder, text = save_tiny(tmp_path)
     out = tmp_path / "cmp"
@@ -209,7 +209,9 @@ def test_compare_without_dense_row(tmp_path):
 
 def test_compare_report_with_zero_shot_only(tmp_path):
     """--ppl '' with --tasks: the table and the plot show zero-shot instead of perplexity."""
-    from sparsealloc.compare import _relative_changes, _summary, render_markdown
+    from sparsealloc.report.compare import relative_changes as _relative_changes
+    from sparsealloc.report.compare import render_markdown
+    from sparsealloc.report.compare import summary as _summary
     from sparsealloc.report.plots import plot_compare
 
     def row(alloc, acc):
@@ -232,7 +234,9 @@ def test_compare_report_with_zero_shot_only(tmp_path):
 
 
 def test_compare_zero_shot_change_has_a_paired_standard_error():
-    from sparsealloc.compare import _relative_changes, _summary, render_markdown
+    from sparsealloc.report.compare import relative_changes as _relative_changes
+    from sparsealloc.report.compare import render_markdown
+    from sparsealloc.report.compare import summary as _summary
 
     def row(alloc, correct):
         acc = correct.count("1") / len(correct)

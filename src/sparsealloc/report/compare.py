@@ -1,117 +1,23 @@
-"""``compare``: the paper's table in one run. Shared dense work is computed once per Session
-(calibration activations, OWL statistics, spectra, absorption coefficients); every row prunes
-from the dense weights."""
+"""The comparison record's derived numbers and its markdown table.
+
+``relative_changes`` gives each ``+absorb`` row its change against its base row (perplexity,
+and zero-shot points with the paired standard error when both were scored on the same
+documents); ``summary`` the means per pruner and sparsity; ``render_markdown`` the table that
+``compare`` prints and writes as compare.md.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from .allocation import AllocationOptions, parse_allocation_spec
-from .errors import check
-from .evaluation.paired import paired_change
-from .io import write_json, write_text
-from .outputs import start_run_dir
-from .pipeline import (
-    EvalRequest,
-    base_record,
-    check_against_model,
-    check_inputs,
-    check_row,
-    evaluate,
-    mark_status,
-    peak_rss_mb,
-    prune_with,
-    warn,
-)
-from .plan import compute_allocation
-from .protocol import Protocol
-from .report.plots import plot_compare
-from .session import Session
-
-PARTIAL = "compare.partial.json"
-"""Rows finished so far (``"complete": false``); replaced by compare.json when the run ends."""
+from ..allocation import parse_allocation_spec
+from ..evaluation.paired import paired_change
 
 
-def _label(rec: dict) -> str:
-    return f"{rec['pruner']['name']} {rec['target_sparsity']:.0%} {rec['allocation']}"
-
-
-def run_compare(model: str, protocol: Protocol, *, sparsities: list[float], pruners: list[str],
-                allocations: list[str], pattern: str = "unstructured",
-                options: AllocationOptions | None = None, request: EvalRequest | None = None,
-                out: str | Path | None = None, include_dense: bool = True,
-                progress: bool = True) -> dict:
-    """Run every (sparsity, pruner, allocation) row; write compare.json/.md/.png last.
-
-    A row whose pruned model has non-finite weights or perplexity is kept with
-    ``"status": "diverged"`` (and a warning line); the other rows go on.
-    """
-    check(bool(sparsities), "--sparsity is empty: give at least one value, e.g. --sparsity 0.7")
-    check(bool(pruners), "--pruner is empty: give at least one, e.g. --pruner wanda")
-    check(bool(allocations), "--allocations is empty: give at least one row, e.g. "
-          "--allocations uniform,owl")
-    specs = [check_row(s, p, pattern, a) for s in sparsities for p in pruners
-             for a in allocations]
-    request = request or EvalRequest()
-    check_inputs(protocol, request, out)
-    session = Session(model, protocol, progress=progress)
-    check_against_model(session, specs, pattern)
-    run_dir = start_run_dir(out, "compare")
-    rows: list[dict] = []
-    dense = None
-    if include_dense:
-        dense = {"label": "dense", "allocation": "dense", **evaluate(session, request)}
-    for s in sparsities:
-        for p in pruners:
-            for a in allocations:
-                alloc = compute_allocation(session, a, s, options, p, pattern)
-                rec = prune_with(session, p, pattern, alloc)
-                rec.update(evaluate(session, request))
-                rec["label"] = _label(rec)
-                why = mark_status(rec)
-                if why is not None:
-                    warn(f"row '{rec['label']}' diverged ({why}); kept with status diverged")
-                rows.append(rec)
-                if run_dir is not None:  # finished rows survive a crash, marked incomplete
-                    write_json(run_dir / PARTIAL, _record(session, dense, rows, pattern,
-                                                          options, request) | {"complete": False})
-    session.restore_dense()
-    record = _record(session, dense, rows, pattern, options, request) | {"complete": True}
-    main = request.ppl[0] if request.ppl else None
-    if run_dir is not None:
-        write_text(run_dir / "compare.md", render_markdown(record))
-        plot_compare(([dense] if dense else []) + rows, run_dir / "compare.png",
-                     title=f"{model}, {main} perplexity")
-        write_json(run_dir / "compare.json", record)
-        (run_dir / PARTIAL).unlink(missing_ok=True)
-    return record
-
-
-def _record(session: Session, dense: dict | None, rows: list[dict], pattern: str,
-            options: AllocationOptions | None, request: EvalRequest) -> dict:
-    """The compare record of the rows finished so far (self-describing, like the final one)."""
-    main = request.ppl[0] if request.ppl else None
-    for r in rows + ([dense] if dense else []):
-        r["ppl_main"] = r.get("ppl", {}).get(main) if main else None
-    _relative_changes(rows)
-    record = base_record(session)
-    record.update({
-        "dense": dense, "rows": rows, "pattern": pattern,
-        "allocation_options": (options or AllocationOptions()).record(),
-        "protocol": session.protocol.record() | {"data_sources": session.data_sources},
-        "shared_work": dict(session.counters),
-        "timings": dict(session.timings), "peak_rss_mb": peak_rss_mb(),
-    })
-    record["summary"] = _summary(rows)
-    return record
-
-
-def _relative_changes(rows: list[dict]) -> None:
+def relative_changes(rows: list[dict]) -> None:
     """Each +absorb row gets its relative change in perplexity (and zero-shot) vs its base row."""
     index = {(r["pruner"]["name"], r["target_sparsity"], r["allocation"]): r for r in rows}
     for r in rows:
         spec = parse_allocation_spec(r["allocation"])
-        if not spec.absorb:
+        if not spec.absorb or spec.search:
             continue
         base_name = r["allocation"][: -len("+absorb")]
         base = index.get((r["pruner"]["name"], r["target_sparsity"], base_name))
@@ -130,7 +36,7 @@ def _relative_changes(rows: list[dict]) -> None:
                 r["zeroshot_change_se_points"] = paired["se_points"]
 
 
-def _summary(rows: list[dict]) -> dict:
+def summary(rows: list[dict]) -> dict:
     def means(subset: list[dict]) -> dict:
         ppl = [r["ppl_change"] for r in subset if "ppl_change" in r]
         zs = [r["zeroshot_change_points"] for r in subset if "zeroshot_change_points" in r]

@@ -1,0 +1,96 @@
+"""``compare``: the paper's table in one run. Shared dense work is computed once per Session
+(calibration activations, OWL statistics, spectra, absorption coefficients); every row prunes
+from the dense weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..allocation import AllocationOptions
+from ..errors import check
+from ..evaluation.registry import evaluate
+from ..io import write_json, write_text
+from ..outputs import start_run_dir
+from ..protocol import EvalRequest, Protocol
+from ..report.compare import relative_changes, render_markdown, summary
+from ..report.plots import plot_compare
+from ..rows import RowSpec, RowTemplate
+from ..session import Session
+from .common import base_record, check_against_model, check_inputs, mark_status, peak_rss_mb, warn
+from .prune import allocate_row, prune_row
+
+PARTIAL = "compare.partial.json"
+"""Rows finished so far (``"complete": false``); replaced by compare.json when the run ends."""
+
+
+def grid(sparsities: list[float], pruners: list[str], rows: list[RowTemplate], pattern: str,
+         options: AllocationOptions | None = None) -> list[RowSpec]:
+    """Every (sparsity, pruner, row) combination as a validated RowSpec (sparsity outermost)."""
+    check(bool(sparsities), "--sparsity is empty: give at least one value, e.g. --sparsity 0.7")
+    check(bool(pruners), "--pruner is empty: give at least one, e.g. --pruner wanda")
+    check(bool(rows), "--allocations is empty: give at least one row, e.g. "
+          "--allocations uniform,owl")
+    base = options or AllocationOptions()
+    return [RowSpec.parse(p, pattern, s, t.allocation, t.options(base), t.label)
+            for s in sparsities for p in pruners for t in rows]
+
+
+def run_compare(model: str, protocol: Protocol, rows: list[RowSpec],
+                request: EvalRequest | None = None, out: str | Path | None = None,
+                include_dense: bool = True, progress: bool = True) -> dict:
+    """Run every row; write compare.json/.md/.png last.
+
+    A row whose pruned model has non-finite weights or perplexity is kept with
+    ``"status": "diverged"`` (and a warning line); the other rows go on.
+    """
+    check(bool(rows), "no rows to compare")
+    request = request or EvalRequest()
+    check_inputs(protocol, request, out)
+    session = Session(model, protocol, progress=progress)
+    check_against_model(session, rows)
+    run_dir = start_run_dir(out, "compare")
+    done: list[dict] = []
+    dense = None
+    if include_dense:
+        dense = {"label": "dense", "allocation": "dense", **evaluate(session, request)}
+    for row in rows:
+        alloc = allocate_row(session, row)
+        rec = prune_row(session, row, alloc)
+        rec.update(evaluate(session, request))
+        rec["label"] = row.title()
+        why = mark_status(rec)
+        if why is not None:
+            warn(f"row '{rec['label']}' diverged ({why}); kept with status diverged")
+        done.append(rec)
+        if run_dir is not None:  # finished rows survive a crash, marked incomplete
+            write_json(run_dir / PARTIAL, _record(session, dense, done, rows, request)
+                       | {"complete": False})
+    session.restore_dense()
+    record = _record(session, dense, done, rows, request) | {"complete": True}
+    main = request.ppl[0] if request.ppl else None
+    if run_dir is not None:
+        write_text(run_dir / "compare.md", render_markdown(record))
+        plot_compare(([dense] if dense else []) + done, run_dir / "compare.png",
+                     title=f"{model}, {main} perplexity")
+        write_json(run_dir / "compare.json", record)
+        (run_dir / PARTIAL).unlink(missing_ok=True)
+    return record
+
+
+def _record(session: Session, dense: dict | None, done: list[dict], rows: list[RowSpec],
+            request: EvalRequest) -> dict:
+    """The compare record of the rows finished so far (self-describing, like the final one)."""
+    main = request.ppl[0] if request.ppl else None
+    for r in done + ([dense] if dense else []):
+        r["ppl_main"] = r.get("ppl", {}).get(main) if main else None
+    relative_changes(done)
+    record = base_record(session)
+    record.update({
+        "dense": dense, "rows": done, "pattern": rows[0].pattern_text,
+        "allocation_options": rows[0].options.record(),
+        "protocol": session.protocol.record() | {"data_sources": session.data_sources},
+        "shared_work": dict(session.counters),
+        "timings": dict(session.timings), "peak_rss_mb": peak_rss_mb(),
+    })
+    record["summary"] = summary(done)
+    return record
