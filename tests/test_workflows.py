@@ -254,3 +254,40 @@ def test_compare_zero_shot_change_has_a_paired_standard_error():
               "protocol": {"nsamples": 4, "seqlen": 32, "calib": "c4", "seed": 0,
                            "eval_seqlen": 32, "eval_tokens": None}}
     assert "+25.00 ± 25.00" in render_markdown(record)
+
+
+def test_compare_rows_with_options_of_their_own(tmp_path):
+    """--row replaces the former bench/sweep.py: each row its own label and options."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from sparsealloc.cli import app
+
+    folder, text = save_tiny(tmp_path)
+    out = tmp_path / "rows"
+    res = CliRunner().invoke(app, [
+        "compare", "--model", str(folder), "--calib", str(text), "--ppl", str(text),
+        "--nsamples", "2", "--seqlen", "16", "--sparsity", "0.5", "--no-dense", "--quiet",
+        "--row", "owl M5|owl|", "--row", "owl M3|owl|owl_m=3,owl_lambda=0.02",
+        "--row", "lin|linear|linear_spans=0.04;0.08", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((out / "compare.json").read_text())
+    labels = [r["label"] for r in rec["rows"]]
+    assert labels == ["owl M5", "owl M3", "lin"]
+    opts = [r["allocation_details"]["options"] for r in rec["rows"]]
+    assert opts[0]["owl_m"] == 5.0 and opts[1]["owl_m"] == 3.0 and opts[1]["owl_lambda"] == 0.02
+    assert opts[2]["linear_spans"] == [0.04, 0.08]
+
+
+def test_row_option_errors_are_one_line():
+    from sparsealloc.errors import UserError
+    from sparsealloc.rows import parse_row
+
+    for bad, message in (("x|owl|owl_q=3", "unknown option 'owl_q'"),
+                         ("x|owl|owl_m=big", "owl_m='big'"),
+                         ("x|owl|owl_m=-1", "--owl-m must be positive"),
+                         ("x|magic|", "unknown allocation"),
+                         ("a|b|c|d", "LABEL|ALLOCATION")):
+        with pytest.raises(UserError, match=message):
+            parse_row(bad)
