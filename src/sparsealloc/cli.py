@@ -84,6 +84,17 @@ def _floats(text: str, option: str, example: str) -> list[float]:
         ) from None
 
 
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        values = [int(t) for t in _split(text)]
+    except ValueError:
+        raise UserError(f"{option} must be whole numbers separated by commas, e.g. 0,1,2 "
+                        f"(got {text!r})") from None
+    if not values:
+        raise UserError(f"{option} is empty: give at least one, e.g. {option} 0,1,2")
+    return values
+
+
 def protocol_options(
     nsamples: NSamples = 128, seqlen: SeqLen = 2048, seed: Seed = 0, calib: Calib = "c4",
     eval_seqlen: EvalSeqLen = None, eval_tokens: EvalTokens = None, data_dir: DataDir = None,
@@ -378,6 +389,9 @@ def compare(
         help="output folder")] = Path("compare"),
     dense: Annotated[bool, typer.Option(help="also evaluate the dense model (a row of its "
                      "own)")] = True,
+    seeds: Annotated[str | None, typer.Option(help="calibration seeds, comma separated (e.g. "
+                     "0,1,2): every row with each, mean ± sd per row and paired changes with "
+                     "standard errors (default: --seed)")] = None,
     *, protocol, options, request, quiet: Quiet = False,
 ) -> None:
     """The comparison table: every allocation (x sparsity x pruner) from one shared dense pass."""
@@ -388,7 +402,7 @@ def compare(
     rows = grid(sparsities, _split(pruner), templates, pattern, options)
     with reports_interrupt(out, "compare"):
         record = run_compare(model, protocol, rows, request, out=out, include_dense=dense,
-                             progress=not quiet)
+                             progress=not quiet, seeds=_ints(seeds, "--seeds") if seeds else None)
 
     typer.echo(render_markdown(record))
     typer.echo(f"wrote {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}")
@@ -398,7 +412,9 @@ def compare(
 def table(
     files: Annotated[list[str], typer.Argument(help="compare.json (or older sweep) files")],
     style: Annotated[str, typer.Option(help="grid: the paper's rows per (model, pruner, "
-                     "sparsity) across all files; rows: one table per file, rows by label")] =
+                     "sparsity) across all files; rows: one table per file, rows by label; "
+                     "seeds: every row's mean ± sd over calibration seeds and its paired "
+                     "changes (vs uniform, +absorb vs base) with standard errors")] =
     "grid",
     mode: Annotated[str, typer.Option(help="grid: absorb_mode of the +absorb rows")] = "prune",
     final: Annotated[str, typer.Option(help="grid: absorb_final of the +absorb rows")] = "last",

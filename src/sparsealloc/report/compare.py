@@ -10,17 +10,19 @@ from __future__ import annotations
 
 from ..allocation import parse_allocation_spec
 from ..evaluation.paired import paired_change
+from .seeds import render_seeds
 
 
 def relative_changes(rows: list[dict]) -> None:
     """Each +absorb row gets its relative change in perplexity (and zero-shot) vs its base row."""
-    index = {(r["pruner"]["name"], r["target_sparsity"], r["allocation"]): r for r in rows}
+    index = {(r["pruner"]["name"], r["target_sparsity"], r["allocation"], r.get("seed")): r
+             for r in rows}
     for r in rows:
         spec = parse_allocation_spec(r["allocation"])
         if not spec.absorb or spec.search:
             continue
         base_name = r["allocation"][: -len("+absorb")]
-        base = index.get((r["pruner"]["name"], r["target_sparsity"], base_name))
+        base = index.get((r["pruner"]["name"], r["target_sparsity"], base_name, r.get("seed")))
         if base is None:
             continue
         r["base_row"] = base["label"]
@@ -124,4 +126,8 @@ def render_markdown(record: dict) -> str:
     lines += _summary_lines(s, "")
     for name, sub in (s.get("by_setting") or {}).items():
         lines += _summary_lines(sub, f" ({name})")
+    if record.get("seed_summary"):
+        lines += ["", f"Over calibration seeds {', '.join(map(str, record['seeds']))} (mean ± sd; "
+                  "changes paired per seed, mean ± s.e., * beyond 2 s.e.):", "",
+                  render_seeds(record["seed_summary"])]
     return "\n".join(lines) + "\n"

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 
 from ..errors import UserError
 from ..io import read_json
+from .seeds import collect_seeds, render_seeds, summarise
 
 BASES = ("uniform", "owl", "alpha")
 COLUMNS = ("uniform", "uniform+absorb", "owl", "owl+absorb", "alpha", "alpha+absorb")
@@ -179,8 +180,10 @@ def table(paths: list[str], *, style: str = "grid", variant: dict | None = None,
     records = read_records(paths)
     if style == "rows":
         return "\n".join(render_rows(path, rec) for path, rec in records)
+    if style == "seeds":
+        return render_seeds(summarise(collect_seeds(records)))
     if style != "grid":
-        raise UserError(f"--style must be grid or rows (got {style!r})")
+        raise UserError(f"--style must be grid, rows or seeds (got {style!r})")
     warnings: list[str] = []
     groups = collect(records, variant or {}, defaults or {}, warnings)
     return "\n".join([*warnings, render_grid(groups, all_groups)])

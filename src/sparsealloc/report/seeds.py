@@ -1,0 +1,118 @@
+"""Rows over calibration seeds: mean and spread of each row, paired changes with standard errors.
+
+A row is identified by its model, pruner, target sparsity, pattern, allocation spec and the
+options it depended on, and by the protocol apart from the seed (calibration and evaluation
+windows). For each such row and each seed it was run with, the main perplexity is kept;
+a change (an ``+absorb`` row against its base, any row against uniform) is computed per seed
+on the same seed's pair and summarised by its mean and standard error over seeds
+(``sd / sqrt(n)``): the calibration sample moves both rows of a pair together, so the paired
+change is far steadier than either row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Iterable
+
+_PROTOCOL_KEYS = ("nsamples", "seqlen", "calib", "eval_seqlen", "eval_tokens", "bos_per_window")
+
+
+def _key(model: str, proto: dict, row: dict) -> tuple:
+    details = row.get("allocation_details") or {}
+    opts = {k: v for k, v in (details.get("options") or {}).items()
+            if not k.endswith(("_used", "_curve", "_tuned_on")) and k != "search"}
+    return (model, row["pruner"]["name"], row["target_sparsity"], row.get("pattern",
+            "unstructured"), row["allocation"], json.dumps(opts, sort_keys=True),
+            tuple(proto.get(k) for k in _PROTOCOL_KEYS))
+
+
+def collect_seeds(records: Iterable[tuple[str, dict]]) -> dict[tuple, dict[int, float]]:
+    """``{row key: {seed: main perplexity}}`` over compare records (a row seen twice with the
+    same seed must agree; the first is kept)."""
+    out: dict[tuple, dict[int, float]] = {}
+    for _, rec in records:
+        proto = rec["protocol"]
+        for r in rec["rows"]:
+            if r.get("label") == "dense" or not r.get("ppl") or r.get("status") == "diverged":
+                continue
+            seed = int(r.get("seed", proto.get("seed", 0)))
+            ppl = next(iter(r["ppl"].values()))
+            out.setdefault(_key(rec["model"], proto, r), {}).setdefault(seed, ppl)
+    return out
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    mean = sum(values) / len(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, sd
+
+
+def paired(row: dict[int, float], base: dict[int, float]) -> dict | None:
+    """Per-seed relative change ``row / base - 1`` on the seeds both have: mean, s.e., n."""
+    seeds = sorted(set(row) & set(base))
+    if not seeds:
+        return None
+    changes = [row[s] / base[s] - 1.0 for s in seeds]
+    mean, sd = spread(changes)
+    return {"mean": mean, "se": sd / math.sqrt(len(changes)) if len(changes) > 1 else None,
+            "n": len(changes), "seeds": seeds, "changes": changes}
+
+
+def _sibling(groups: dict[tuple, dict[int, float]], key: tuple,
+             allocation: str) -> dict[int, float] | None:
+    """The row ``allocation`` of the same setting whose options the row shares (its base)."""
+    mine = json.loads(key[5])
+    for k, v in groups.items():
+        if k[:4] == key[:4] and k[6] == key[6] and k[4] == allocation:
+            theirs = json.loads(k[5])
+            if all(mine.get(o) == theirs[o] for o in theirs):
+                return v
+    return None
+
+
+def summarise(groups: dict[tuple, dict[int, float]]) -> list[dict]:
+    """One entry per row: its mean and sd over seeds, its change against uniform and, for a
+    ``+absorb`` row, against its base (both paired per seed)."""
+    out = []
+    for key, by_seed in sorted(groups.items(), key=lambda kv: kv[0][:5]):
+        model, pruner, target, pattern, allocation, opts, proto = key
+        mean, sd = spread(list(by_seed.values()))
+        entry = {"model": model, "pruner": pruner, "target_sparsity": target,
+                 "pattern": pattern, "allocation": allocation, "options": json.loads(opts),
+                 "seeds": sorted(by_seed), "ppl_mean": mean, "ppl_sd": sd,
+                 "ppl_by_seed": {str(s): v for s, v in sorted(by_seed.items())}}
+        uniform = _sibling(groups, key, "uniform")
+        if allocation != "uniform" and uniform is not None:
+            entry["vs_uniform"] = paired(by_seed, uniform)
+        if allocation.endswith("+absorb"):
+            base = _sibling(groups, key, allocation[: -len("+absorb")])
+            if base is not None:
+                entry["vs_base"] = paired(by_seed, base)
+        out.append(entry)
+    return out
+
+
+def _change(c: dict | None) -> str:
+    if not c:
+        return "-"
+    se = f" ± {c['se']:.1%}" if c.get("se") is not None else ""
+    flag = " *" if c.get("se") and abs(c["mean"]) > 2 * c["se"] else ""
+    return f"{c['mean']:+.1%}{se}{flag}"
+
+
+def render_seeds(entries: list[dict]) -> str:
+    """Markdown: each row's mean ± sd over seeds and its paired changes (mean ± s.e.; ``*``:
+    larger than twice its standard error)."""
+    lines = ["| model | pruner | sparsity | allocation | seeds | ppl mean ± sd | vs uniform "
+             "(paired) | +absorb vs base (paired) |", "|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        lines.append(
+            f"| {e['model']} | {e['pruner']} | {e['target_sparsity']:.0%}"
+            + (f" {e['pattern']}" if e["pattern"] != "unstructured" else "")
+            + f" | {e['allocation']} | {len(e['seeds'])} | {e['ppl_mean']:.1f} ± "
+              f"{e['ppl_sd']:.1f} | {_change(e.get('vs_uniform'))} | "
+              f"{_change(e.get('vs_base'))} |")
+    return "\n".join(lines)

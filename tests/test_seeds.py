@@ -1,0 +1,68 @@
+"""Rows over calibration seeds: mean ± sd, and paired changes with standard errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from tiny_models import save_tiny
+from typer.testing import CliRunner
+
+from sparsealloc.cli import app
+from sparsealloc.report.seeds import collect_seeds, paired, render_seeds, summarise
+
+
+def _rec(seed, rows):
+    proto = {"nsamples": 4, "seqlen": 8, "calib": "c4", "eval_seqlen": 8, "eval_tokens": 64,
+             "bos_per_window": False, "seed": seed}
+    return ("f", {"model": "m", "protocol": proto, "rows": [
+        {"allocation": a, "pruner": {"name": "wanda"}, "target_sparsity": 0.7,
+         "ppl": {"wikitext2": v}, "allocation_details": {"options": o}} for a, v, o in rows]})
+
+
+def test_paired_change_hand_computed():
+    c = paired({0: 110.0, 1: 90.0, 2: 105.0}, {0: 100.0, 1: 100.0, 2: 100.0})
+    assert c["changes"] == pytest.approx([0.10, -0.10, 0.05])
+    assert c["mean"] == pytest.approx(0.05 / 3)
+    sd = math.sqrt(((0.1 - 0.05 / 3) ** 2 + (-0.1 - 0.05 / 3) ** 2 + (0.05 - 0.05 / 3) ** 2) / 2)
+    assert c["se"] == pytest.approx(sd / math.sqrt(3)) and c["n"] == 3
+    assert paired({0: 1.0}, {1: 1.0}) is None
+
+
+def test_summary_pairs_rows_per_seed():
+    owl = {"owl_m": 5.0}
+    records = [_rec(s, [("uniform", u, {}), ("owl", o, owl), ("owl+absorb", a, owl | {"g": 1})])
+               for s, u, o, a in ((0, 200.0, 150.0, 120.0), (1, 220.0, 165.0, 132.0),
+                                  (2, 180.0, 135.0, 108.0))]
+    entries = {e["allocation"]: e for e in summarise(collect_seeds(records))}
+    assert entries["uniform"]["ppl_mean"] == pytest.approx(200.0)
+    assert entries["uniform"]["ppl_sd"] == pytest.approx(20.0)
+    # every seed: owl is 25% below uniform, +absorb 20% below owl: no spread at all
+    assert entries["owl"]["vs_uniform"]["mean"] == pytest.approx(-0.25)
+    assert entries["owl"]["vs_uniform"]["se"] == pytest.approx(0.0, abs=1e-12)
+    assert entries["owl+absorb"]["vs_base"]["mean"] == pytest.approx(-0.20)
+    text = render_seeds(list(entries.values()))
+    assert "| owl+absorb | 3 | 120.0 ± 12.0 | -40.0% ± 0.0% | -20.0% ± 0.0% |" in text
+
+
+def test_compare_with_seeds(tmp_path):
+    folder, text = save_tiny(tmp_path)
+    out = tmp_path / "seeds"
+    res = CliRunner().invoke(app, [
+        "compare", "--model", str(folder), "--calib", str(text), "--ppl", str(text),
+        "--nsamples", "2", "--seqlen", "16", "--sparsity", "0.5", "--no-dense", "--quiet",
+        "--allocations", "uniform,owl", "--seeds", "0,1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((out / "compare.json").read_text())
+    assert rec["seeds"] == [0, 1] and [r["seed"] for r in rec["rows"]] == [0, 0, 1, 1]
+    owl = next(e for e in rec["seed_summary"] if e["allocation"] == "owl")
+    assert owl["seeds"] == [0, 1] and owl["vs_uniform"]["n"] == 2
+    by_seed = {r["seed"]: r["ppl_main"] for r in rec["rows"] if r["allocation"] == "owl"}
+    assert owl["ppl_by_seed"] == {str(k): v for k, v in by_seed.items()}
+    assert "Over calibration seeds 0, 1" in (out / "compare.md").read_text()
+
+
+def test_bad_seeds_are_one_line():
+    res = CliRunner().invoke(app, ["compare", "--seeds", "0,x"])
+    assert res.exit_code != 0 and "--seeds must be whole numbers" in str(res.exception)
