@@ -7,12 +7,14 @@ coefficients) from the Session, where each is computed once and reused.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from . import allocation as A
+from .allocation.search import SearchConfig
 from .errors import check
+from .frontier import search_allocation
 from .models.arch import in_features
 from .pruners.wanda import InputNormStats, wanda_scores
 from .runner import collect_inputs
@@ -50,6 +52,13 @@ class AllocationOptions:
             pruning error).
         absorb_nsamples: calibration sequences used by the probe (the first ones).
         absorb_draws: noise draws per sequence.
+        search_generations, search_offspring: the evolutionary search (``search`` specs):
+            generations and offspring per generation (EvoPress: 400, 64).
+        search_survivors, search_tokens: survivors and calibration tokens of each selection
+            stage (EvoPress: 8,2,1 and 2048,16384,65536).
+        search_step: sparsity of one level in an average-size block; search_levels: levels
+            on each side of the start; search_seed: mutations and token draws;
+            search_stride: KL on every N-th token.
     """
 
     owl_m: float = 5.0
@@ -66,6 +75,14 @@ class AllocationOptions:
     absorb_scale: str = "state"
     absorb_nsamples: int = 16
     absorb_draws: int = 1
+    search_generations: int = 400
+    search_offspring: int = 64
+    search_survivors: tuple[int, ...] = (8, 2, 1)
+    search_tokens: tuple[int, ...] = (2048, 16384, 65536)
+    search_step: float = 0.025
+    search_levels: int = 4
+    search_seed: int = 0
+    search_stride: int = 1
 
     def record(self) -> dict:
         return asdict(self)
@@ -164,8 +181,23 @@ def compute_allocation(session: Session, text: str, target: float,
         from .correction import apply_correction
 
         alloc = apply_correction(session, alloc, opts, pruner, pattern)
+    if spec.search:
+        alloc = searched(session, alloc, opts, pruner, pattern)
     check(len(alloc.block_sparsity) == session.arch.num_blocks, "allocation length mismatch")
     return alloc
+
+
+def searched(session: Session, alloc: Allocation, opts: AllocationOptions, pruner: str,
+             pattern: str) -> Allocation:
+    """``alloc`` improved by the evolutionary search (its own allocation is the start)."""
+    config = SearchConfig(generations=opts.search_generations, offspring=opts.search_offspring,
+                          survivors=tuple(opts.search_survivors),
+                          tokens=tuple(opts.search_tokens), step=opts.search_step,
+                          levels=opts.search_levels, seed=opts.search_seed)
+    outcome = search_allocation(session, alloc.block_sparsity, alloc.target_sparsity, config,
+                                pruner, pattern, stride=opts.search_stride)
+    return replace(alloc, block_sparsity=outcome.block_sparsity,
+                   options=dict(alloc.options, search=outcome.record))
 
 
 def _relevant_options(spec: A.AllocationSpec, opts: AllocationOptions) -> dict:
@@ -176,4 +208,6 @@ def _relevant_options(spec: A.AllocationSpec, opts: AllocationOptions) -> dict:
         out["path"] = str(spec.path)
     if spec.absorb:
         out.update({k: v for k, v in rec.items() if k.startswith("absorb_")})
+    if spec.search:
+        out.update({k: v for k, v in rec.items() if k.startswith("search_")})
     return out

@@ -41,7 +41,8 @@ Sparsity = Annotated[float, typer.Option(help="target mean sparsity in [0,1)")]
 Pruner = Annotated[str, typer.Option(help="magnitude, wanda or sparsegpt")]
 Pattern = Annotated[str, typer.Option(help="unstructured, 2:4, 4:8 or N:M")]
 Allocation = Annotated[str, typer.Option(help="uniform, owl, alpha, linear, file:PATH; "
-                       "add +absorb for the absorption correction")]
+                       "add +absorb for the absorption correction; search[:SPEC] for the "
+                       "evolutionary search from SPEC")]
 Ppl = Annotated[str, typer.Option("--eval", "--ppl", help="perplexity corpora, comma "
                 "separated (wikitext2, c4, a file); '' for none")]
 Tasks = Annotated[str, typer.Option(help="zero-shot tasks (lm-eval), comma separated")]
@@ -66,6 +67,17 @@ AbsorbPositions = Annotated[str, typer.Option(help="perturbed positions: all or 
 AbsorbNSamples = Annotated[int, typer.Option(help="calibration sequences the absorption probe "
                            "uses (the first ones)")]
 AbsorbDraws = Annotated[int, typer.Option(help="noise draws per sequence for the probe")]
+SearchGenerations = Annotated[int, typer.Option(help="search: generations")]
+SearchOffspring = Annotated[int, typer.Option(help="search: offspring per generation")]
+SearchSurvivors = Annotated[str, typer.Option(help="search: survivors of each selection stage, "
+                            "comma separated, ending with 1")]
+SearchTokens = Annotated[str, typer.Option(help="search: calibration tokens of each selection "
+                         "stage (whole calibration sequences), comma separated")]
+SearchStep = Annotated[float, typer.Option(help="search: sparsity of one level (average-size "
+                       "block)")]
+SearchLevels = Annotated[int, typer.Option(help="search: levels on each side of the start")]
+SearchSeed = Annotated[int, typer.Option(help="search: seed of mutations and token draws")]
+SearchStride = Annotated[int, typer.Option(help="search: KL on every N-th token")]
 
 
 def _split(text: str) -> list[str]:
@@ -78,6 +90,15 @@ def _floats(text: str, option: str, example: str) -> list[float]:
     except ValueError:
         raise UserError(
             f"{option} must be numbers separated by commas, e.g. {example} (got {text!r})"
+        ) from None
+
+
+def _ints(text: str, option: str, example: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in _split(text))
+    except ValueError:
+        raise UserError(
+            f"{option} must be integers separated by commas, e.g. {example} (got {text!r})"
         ) from None
 
 
@@ -101,6 +122,10 @@ def allocation_options(
     absorb_final: AbsorbFinal = "last", absorb_mode: AbsorbMode = "prune",
     absorb_budget: AbsorbBudget = "shift", absorb_positions: AbsorbPositions = "all",
     absorb_nsamples: AbsorbNSamples = 16, absorb_draws: AbsorbDraws = 1,
+    search_generations: SearchGenerations = 400, search_offspring: SearchOffspring = 64,
+    search_survivors: SearchSurvivors = "8,2,1", search_tokens: SearchTokens = "2048,16384,65536",
+    search_step: SearchStep = 0.025, search_levels: SearchLevels = 4, search_seed: SearchSeed = 0,
+    search_stride: SearchStride = 1,
 ):
     """Allocator and correction hyperparameters (``AllocationOptions``)."""
     from .allocate import AllocationOptions
@@ -119,7 +144,13 @@ def allocation_options(
                              absorb_clip=absorb_clip, absorb_final=absorb_final,
                              absorb_mode=absorb_mode, absorb_budget=absorb_budget,
                              absorb_positions=absorb_positions, absorb_nsamples=absorb_nsamples,
-                             absorb_draws=absorb_draws)
+                             absorb_draws=absorb_draws, search_generations=search_generations,
+                             search_offspring=search_offspring,
+                             search_survivors=_ints(search_survivors, "--search-survivors",
+                                                    "8,2,1"),
+                             search_tokens=_ints(search_tokens, "--search-tokens", "2048,16384"),
+                             search_step=search_step, search_levels=search_levels,
+                             search_seed=search_seed, search_stride=search_stride)
 
 
 def eval_options(ppl: Ppl = "wikitext2", tasks: Tasks = "", limit: Limit = None,
@@ -258,6 +289,7 @@ def allocate(
     """Compute allocations without pruning: allocation.json and allocation.png."""
     from .allocate import compute_allocation
     from .allocation import parse_allocation_spec
+    from .frontier.report import write_search_outputs
     from .io import write_json
     from .pipeline import base_record, prepare_run_dir
     from .protocol import check_sparsity
@@ -284,10 +316,13 @@ def allocate(
     }
     plot_allocations({a.spec: a.block_sparsity for a in allocs}, run_dir / "allocation.png",
                      title=f"{model}, target sparsity {sparsity:g}")
+    searched = write_search_outputs(run_dir, [a.record() for a in allocs],
+                                    title=f"{model}, target sparsity {sparsity:g}")
     write_json(run_dir / "allocation.json", record)
     for a in allocs:
         typer.echo(f"{a.spec:>16}: " + " ".join(f"{x:.3f}" for x in a.block_sparsity))
-    typer.echo(f"wrote {run_dir / 'allocation.json'} and {run_dir / 'allocation.png'}")
+    typer.echo(f"wrote {run_dir / 'allocation.json'} and {run_dir / 'allocation.png'}"
+               + "".join(f", {p}" for p in searched))
 
 
 @app.command()

@@ -92,7 +92,7 @@ def _relative_changes(rows: list[dict]) -> None:
     index = {(r["pruner"]["name"], r["target_sparsity"], r["allocation"]): r for r in rows}
     for r in rows:
         spec = parse_allocation_spec(r["allocation"])
-        if not spec.absorb:
+        if not spec.absorb or spec.search:
             continue
         base_name = r["allocation"][: -len("+absorb")]
         base = index.get((r["pruner"]["name"], r["target_sparsity"], base_name))

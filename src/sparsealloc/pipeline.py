@@ -109,7 +109,8 @@ def run_prune(
     run_dir = prepare_run_dir(out)
     if session is None:  # one prune: no dense copy unless --absorb-gamma auto prunes repeatedly
         auto = options is not None and is_auto(options.absorb_gamma)
-        session = Session(model, protocol, progress=progress, keep_dense=auto and spec.absorb)
+        session = Session(model, protocol, progress=progress,
+                          keep_dense=(auto and spec.absorb) or spec.search)
     alloc = compute_allocation(session, allocation, sparsity, options, pruner, pattern)
     record = base_record(session)
     record.update(prune_with(session, pruner, pattern, alloc))

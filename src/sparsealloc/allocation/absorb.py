@@ -35,6 +35,7 @@ from .budget import as_vector, check_target, check_weights, restore_budget
 DEFAULT_CLIP = math.log(3.0)
 BASES = ("uniform", "owl", "alpha", "linear", "file")
 ABSORB_SUFFIX = "+absorb"
+SEARCH_PREFIX = "search"
 _ZERO = 1e-12
 
 
@@ -106,19 +107,29 @@ class AllocationSpec(NamedTuple):
     base: str
     absorb: bool
     path: Path | None
+    search: bool = False  # evolutionary search starting from the rest of the spec
 
 
 def parse_allocation_spec(text: str) -> AllocationSpec:
     """Parse ``"owl"``, ``"alpha+absorb"``, ``"file:PATH"``, ``"file:PATH+absorb"``, ...
 
     Bases: uniform, owl, alpha, linear, file:PATH.  A trailing ``+absorb``
-    adds the absorption correction.  Names are case-insensitive; the path is
-    kept verbatim (it may itself contain ``+``).
+    adds the absorption correction.  ``search`` (from uniform) or ``search:SPEC``
+    (e.g. ``search:owl+absorb``) runs the evolutionary search from SPEC's allocation.
+    Names are case-insensitive; the path is kept verbatim (it may itself contain ``+``).
     """
     raw = str(text).strip()
+    head, colon, rest = raw.partition(":")
+    if head.strip().lower() == SEARCH_PREFIX:
+        start = rest.strip() if colon else "uniform"
+        if not start or start.lower().split(":")[0].strip() == SEARCH_PREFIX:
+            raise UserError(f"allocation {raw!r}: write search or search:SPEC with a start "
+                            "allocation, e.g. search:owl+absorb")
+        return parse_allocation_spec(start)._replace(search=True)
     absorb = raw.lower().endswith(ABSORB_SUFFIX)
     core = raw[: -len(ABSORB_SUFFIX)] if absorb else raw
-    choices = "uniform, owl, alpha, linear, file:PATH (optionally followed by +absorb)"
+    choices = ("uniform, owl, alpha, linear, file:PATH (optionally followed by +absorb), or "
+               "search / search:SPEC")
     if core.lower().startswith("file:"):
         path = core[len("file:"):].strip()
         if not path:
