@@ -192,12 +192,14 @@ def test_search_is_deterministic_for_a_seed(tmp_path):
 
 
 def _planted(tmp_path, fragile: int):
-    """A tiny model whose block ``fragile`` writes ~20x more into the residual stream."""
+    """A tiny model in which only block ``fragile`` matters: the others write 1/20 of their
+    update into the residual stream, so pruning them barely moves the output."""
     model = tiny_model("llama", seed=0)
-    block = model.model.layers[fragile]
     with torch.no_grad():
-        block.mlp.down_proj.weight.mul_(20.0)
-        block.self_attn.o_proj.weight.mul_(20.0)
+        for index, block in enumerate(model.model.layers):
+            if index != fragile:
+                block.mlp.down_proj.weight.mul_(0.05)
+                block.self_attn.o_proj.weight.mul_(0.05)
     folder = tmp_path / "planted"
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
@@ -206,7 +208,7 @@ def _planted(tmp_path, fragile: int):
     return folder, text
 
 
-@pytest.mark.parametrize("fragile", [1, 2])  # unscaled, the search gives block 0 the least
+@pytest.mark.parametrize("fragile", [0, 1, 2])
 def test_search_finds_the_planted_optimum(tmp_path, fragile):
     s = _session(tmp_path, *_planted(tmp_path, fragile))
     alloc = _search(s, search_generations=12)

@@ -35,7 +35,7 @@ def logit_softcap(model: nn.Module) -> float | None:
 
 
 def log_probs(hidden: Tensor, lm_head: nn.Module, softcap: float | None) -> Tensor:
-    logits = lm_head(hidden).float()
+    logits = lm_head(hidden).double()  # float64: candidates can differ by ~1e-7 nats
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return torch.log_softmax(logits, dim=-1)
