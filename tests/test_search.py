@@ -155,6 +155,12 @@ def test_fitness_of_the_dense_levels_is_zero_and_grows_with_sparsity(tmp_path):
         fit.kl((1, 1, 1), batches)
     assert dense == pytest.approx(0.0, abs=1e-6)
     assert 0 < mid < high
+    # sharing block outputs between candidates changes nothing but the cost
+    cands = [(0, 0, 0), (1, -1, 0), (1, 0, -1), (-1, 1, 0), (0, 1, -1), (-1, -1, -1)]
+    plain = [fit.kl(c, batches) for c in cands]
+    before = fit.token_block_forwards
+    assert fit.kl_shared(cands, batches) == plain
+    assert fit.token_block_forwards - before < len(cands) * 6 * 32 * 3
     s.restore_dense()
 
 

@@ -27,6 +27,8 @@ from ..models.arch import Architecture, weight_out_in
 from ..runner import Activations, BlockRunner
 from .database import LevelDatabase
 
+_CHUNK = 512  # positions per log-softmax over the vocabulary
+
 
 def logit_softcap(model: nn.Module) -> float | None:
     """Gemma-style final logit soft-capping, when the model's config has it."""
@@ -102,13 +104,33 @@ class KLFitness:
         return norm(h) if norm is not None else h
 
     @torch.no_grad()
-    def _run(self, batch: int) -> Tensor:
-        h = self.acts.hidden[batch]
+    def _run(self, batch: int, first: int = 0, h: Tensor | None = None,
+             keep: list[Tensor] | None = None) -> Tensor:
+        """Blocks ``first..L-1`` on batch ``batch`` (input ``h``, default the embeddings);
+        appends each block's output to ``keep`` when given. Returns the final-norm states."""
+        h = self.acts.hidden[batch] if h is None else h
         calls = self.acts.calls[batch]
-        for k in range(self.arch.num_blocks):
+        for k in range(first, self.arch.num_blocks):
             h = self.runner.forward_block(k, h, calls[k])
-        self.token_block_forwards += int(h.shape[0] * h.shape[1]) * self.arch.num_blocks
+            if keep is not None:
+                keep.append(h)
+        self.token_block_forwards += int(h.shape[0] * h.shape[1]) * (self.arch.num_blocks
+                                                                     - first)
         return self._final(h)
+
+    def _kl(self, batch: int, final: Tensor) -> tuple[float, int]:
+        """Summed KL of the candidate's final states against the dense ones, in chunks of
+        positions (log-probabilities over the vocabulary are large)."""
+        dense = self.dense_final[batch]
+        total, count = 0.0, 0
+        for i in range(0, final.shape[1], _CHUNK):
+            d = log_probs(dense[:, i:i + _CHUNK].to(self.runner.device), self.lm_head,
+                          self.softcap)
+            c = log_probs(final[:, i:i + _CHUNK], self.lm_head, self.softcap)
+            s, n = kl_sum(d, c)
+            total += s
+            count += n
+        return total, count
 
     @torch.no_grad()
     def _dense_outputs(self) -> list[Tensor]:
@@ -128,20 +150,59 @@ class KLFitness:
 
     @torch.no_grad()
     def kl(self, levels: Levels, batches: Sequence[int]) -> float:
-        """Mean KL over the scored positions of ``batches`` for the candidate ``levels``."""
+        """Mean KL over the scored positions of ``batches`` for one candidate (the plain,
+        unshared computation)."""
         self.load(levels)
         total, count = 0.0, 0
         for b in batches:
-            cand = log_probs(self._run(b), self.lm_head, self.softcap)
-            dense = log_probs(self.dense_final[b].to(self.runner.device), self.lm_head,
-                              self.softcap)
-            s, n = kl_sum(dense, cand)
+            s, n = self._kl(b, self._run(b))
             total += s
             count += n
         return total / max(count, 1)
+
+    @torch.no_grad()
+    def kl_shared(self, candidates: list[Levels], batches: Sequence[int]) -> list[float]:
+        """:meth:`kl` of every candidate, sharing block outputs between candidates.
+
+        Block ``k``'s output depends only on the levels of blocks ``0..k``, so candidates are
+        visited in lexicographic order and each one reruns only the blocks from the first
+        where it differs from the previous one (offspring of one parent share long
+        prefixes). The same block computations on the same inputs: results equal :meth:`kl`.
+        """
+        order = sorted(range(len(candidates)), key=lambda i: candidates[i])
+        totals = [0.0] * len(candidates)
+        counts = [0] * len(candidates)
+        for b in batches:
+            outputs: list[Tensor] = []  # outputs[k]: block k's output for the current prefix
+            previous: Levels | None = None
+            for i in order:
+                cand = candidates[i]
+                first = 0 if previous is None else _common_prefix(previous, cand)
+                first = min(first, len(outputs))
+                del outputs[first:]
+                self.load(cand)
+                h = outputs[first - 1] if first > 0 else None
+                if first == self.arch.num_blocks:  # the same levels again
+                    final = self._final(outputs[-1])
+                else:
+                    final = self._run(b, first, h, keep=outputs)
+                s, n = self._kl(b, final)
+                totals[i] += s
+                counts[i] += n
+                previous = cand
+        return [t / max(n, 1) for t, n in zip(totals, counts, strict=True)]
 
     def __call__(self, candidates: list[Levels], stage: int) -> list[float]:
         last = len(self.batches_per_stage) - 1
         batches = (self.final_batches if stage == last
                    else self._draw(self.batches_per_stage[stage]))
-        return [self.kl(c, batches) for c in candidates]
+        return self.kl_shared(candidates, batches)
+
+
+def _common_prefix(a: Levels, b: Levels) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=True):
+        if x != y:
+            break
+        n += 1
+    return n

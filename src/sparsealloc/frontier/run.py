@@ -53,6 +53,10 @@ def search_allocation(session: Session, start: list[float], target: float,
         raise UserError(f"the search allocator needs unstructured pruning: the pattern {pattern} "
                         "fixes every block's sparsity at N/M; use --pattern unstructured")
     prune = get_pruner(pruner)
+    available = session.protocol.nsamples * session.protocol.seqlen
+    if max(config.tokens) > available:  # checked again, exactly, by KLFitness
+        raise UserError(f"--search-tokens {max(config.tokens)} exceeds the {available} "
+                        "calibration tokens (--nsamples x --seqlen); lower it or raise --nsamples")
     weights = session.params_per_block
     grid = level_grid(start, weights, config.step, config.levels, config.lo, config.hi)
     check_budget(grid, [0] * grid.num_blocks, target, weights)  # the start meets the budget
