@@ -188,6 +188,27 @@ def test_search_meets_the_budget_and_never_loses_to_its_start(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(dense, after, strict=True))  # dense again
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "gemma3"])
+def test_search_on_other_architectures(tmp_path, arch):
+    s = _session(tmp_path, *save_tiny(tmp_path, arch))
+    dense = [w.clone() for i in range(s.arch.num_blocks) for w in s.dense_weights(i).values()]
+    alloc = _search(s, "search:linear", search_generations=3)
+    assert abs(weighted_mean(alloc.block_sparsity, s.params_per_block) - 0.5) < 1e-9
+    rec = alloc.options["search"]
+    assert 0 < rec["final_fitness"] <= rec["start_fitness"]
+    after = [weight_out_in(m) for i in range(s.arch.num_blocks)
+             for m in s.arch.linears(i).values()]
+    assert all(torch.equal(a, b) for a, b in zip(dense, after, strict=True))
+
+
+def test_start_must_meet_the_budget(tmp_path):
+    s = _session(tmp_path)
+    path = tmp_path / "s.json"
+    path.write_text("[0.2, 0.3, 0.4]")
+    with pytest.raises(UserError, match="start allocation misses the sparsity budget"):
+        _search(s, f"search:file:{path}")
+
+
 def test_search_is_deterministic_for_a_seed(tmp_path):
     s = _session(tmp_path)
     a = _search(s, search_seed=3)

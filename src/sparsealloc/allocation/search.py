@@ -235,6 +235,7 @@ def check_budget(grid: LevelGrid, levels: Sequence[int], target: float,
     s = grid.sparsities(levels)
     err = weighted_mean(s, weights) - target
     if abs(err) > TOL:
-        raise UserError(f"the search allocation misses the budget {target} by {err:.3g}; "
-                        "the start allocation must meet it")
+        raise UserError(f"the search's start allocation misses the sparsity budget {target} "
+                        f"by {err:.3g}; start from an allocation that meets it (file: "
+                        "allocations are used as written)")
     return s
