@@ -106,9 +106,9 @@ def test_bad_inputs():
 
 
 def test_parse_allocation_spec():
-    assert parse_allocation_spec("owl") == ("owl", False, None)
-    assert parse_allocation_spec("Alpha+absorb") == ("alpha", True, None)
-    assert parse_allocation_spec("uniform+absorb") == ("uniform", True, None)
+    assert parse_allocation_spec("owl") == ("owl", False, None, False)
+    assert parse_allocation_spec("Alpha+absorb") == ("alpha", True, None, False)
+    assert parse_allocation_spec("uniform+absorb") == ("uniform", True, None, False)
     spec = parse_allocation_spec("file:my+list.json+absorb")
     assert spec.base == "file" and spec.absorb and spec.path == Path("my+list.json")
     assert parse_allocation_spec("file:/tmp/s.json").path == Path("/tmp/s.json")
