@@ -208,7 +208,7 @@ def reports_interrupt(out: Path | None, command: str):
         if out is None:
             where = "nothing was written (no --out)"
         else:
-            kept = [str(out / n) for n in OUTPUTS[command] if (out / n).is_file()]
+            kept = [str(f) for n in OUTPUTS[command] for f in sorted(out.glob(n)) if f.is_file()]
             where = ("partial results: " + ", ".join(kept)) if kept else \
                 f"no result was written in {out}"
         print(f"interrupted: {where}", file=sys.stderr, flush=True)

@@ -32,12 +32,14 @@ SAVE_MARKER = "sparsealloc_saved.json"
 OUTPUTS: dict[str, tuple[str, ...]] = {
     "prune": ("result.json",),
     "eval": ("result.json",),
-    "allocate": ("allocation.json", "allocation.png"),
+    "allocate": ("allocation.json", "allocation.png", "search.json", "search.png",
+                 "search-*.json", "search-*.png"),
     "probe": ("probe.json", "drift_curves.png", "drift_heatmap.png", "absorption.png",
               "absorption_vs_eta.png"),
     "compare": ("compare.json", "compare.partial.json", "compare.md", "compare.png"),
 }
-"""The files each command writes into its ``--out`` folder (all of them cleared at its start)."""
+"""The files each command writes into its ``--out`` folder (all of them cleared at its start;
+an entry may be a glob pattern)."""
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -87,7 +89,8 @@ def start_run_dir(out: str | Path | None, command: str) -> Path | None:
     try:
         path.mkdir(parents=True, exist_ok=True)
         for name in OUTPUTS[command]:
-            (path / name).unlink(missing_ok=True)
+            for stale in path.glob(name):  # names, or patterns of names (search-*.json)
+                stale.unlink(missing_ok=True)
     except OSError as exc:
         raise write_error(path, exc) from None
     return path

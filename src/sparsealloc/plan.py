@@ -7,6 +7,8 @@ the modifiers the spec asks for: the absorption correction (``+absorb``), the pe
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .allocation import AllocationContext, AllocationOptions, parse_allocation_spec
 from .allocation.correction import apply_correction
 from .allocation.experts import expert_split
@@ -14,6 +16,7 @@ from .allocation.options import Allocation
 from .allocation.owl import outlier_ratio
 from .allocation.registry import get_allocator, key_of
 from .errors import check
+from .frontier import search_allocation
 from .pruners.wanda import wanda_scores
 from .session import Session
 
@@ -38,11 +41,24 @@ def compute_allocation(session: Session, text: str, target: float,
     if spec.absorb:
         alloc = apply_correction(session, alloc, opts.of("absorb"), pruner, pattern)
         alloc.options.update(relevant_options("absorb", opts))
+    if spec.search:
+        alloc = searched(session, alloc, opts, pruner, pattern)
+        alloc.options.update(relevant_options("search", opts))
     if opts.of("expert").allocation == "owl":
         alloc.expert_sparsity = expert_owl_split(session, alloc.block_sparsity, opts)
         alloc.options["expert_allocation"] = "owl"
     check(len(alloc.block_sparsity) == session.arch.num_blocks, "allocation length mismatch")
     return alloc
+
+
+def searched(session: Session, alloc: Allocation, opts: AllocationOptions, pruner: str,
+             pattern: str) -> Allocation:
+    """``alloc`` improved by the evolutionary search (its own allocation is the start)."""
+    search = opts.of("search")
+    outcome = search_allocation(session, alloc.block_sparsity, alloc.target_sparsity,
+                                search.config(), pruner, pattern, stride=search.stride)
+    return replace(alloc, block_sparsity=outcome.block_sparsity,
+                   options=dict(alloc.options, search=outcome.record))
 
 
 def relevant_options(prefix: str, opts: AllocationOptions) -> dict:

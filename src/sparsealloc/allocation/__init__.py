@@ -26,12 +26,14 @@ from .lsa import lsa_allocation, lsa_block_error, lsa_default_alpha, lsa_reconst
 from .options import Allocation, AllocationOptions
 from .owl import outlier_ratio, owl_allocation
 from .registry import ALLOCATORS, OPTION_GROUPS, AllocationContext, Allocator, Base, register
+from .search import SearchOptions
 from .spec import AllocationSpec, parse_allocation_spec
 from .uniform import uniform_allocation
 
 __all__ = [
     "ALLOCATORS",
     "OPTION_GROUPS",
+    "SearchOptions",
     "AbsorbOptions",
     "Allocation",
     "AllocationContext",

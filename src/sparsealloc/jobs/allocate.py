@@ -10,6 +10,7 @@ from ..io import write_json
 from ..outputs import start_run_dir
 from ..protocol import Protocol
 from ..report.plots import plot_allocations
+from ..report.search import write_search_outputs
 from ..rows import RowSpec
 from ..session import Session
 from .common import base_record, check_against_model, check_inputs
@@ -35,7 +36,9 @@ def run_allocate(model: str, protocol: Protocol, rows: list[RowSpec], out: str |
         "protocol": protocol.record() | {"data_sources": session.data_sources},
         "timings": dict(session.timings),
     }
+    title = f"{model}, target sparsity {sparsity:g}"
     plot_allocations({a.spec: a.block_sparsity for a in allocs}, run_dir / "allocation.png",
-                     title=f"{model}, target sparsity {sparsity:g}")
+                     title=title)
+    write_search_outputs(run_dir, [a.record() for a in allocs], title=title)
     write_json(run_dir / "allocation.json", record)
     return allocs

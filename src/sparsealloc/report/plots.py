@@ -137,3 +137,17 @@ def plot_compare(rows: list[dict], path: str | Path, title: str = "") -> Path:
     a2.grid(alpha=0.3)
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def plot_search(curves: dict[str, list[float]], path: str | Path, title: str = "") -> Path:
+    """Best fitness (KL against the dense model) after each generation, one line per search."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, values in curves.items():
+        ax.plot(range(len(values)), values, marker="o" if len(values) < 40 else None, ms=3,
+                label=name)
+    ax.set_xlabel("generation (0: start allocation)")
+    ax.set_ylabel("KL(dense || pruned), calibration tokens")
+    ax.set_title(title or "evolutionary search")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)

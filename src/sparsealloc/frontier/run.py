@@ -1,0 +1,128 @@
+"""The ``search`` allocator on a Session: level database, KL fitness, evolutionary search."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+
+from tqdm.auto import tqdm
+
+from ..allocation.search import SearchConfig, check_budget, evolve, level_grid
+from ..errors import UserError
+from ..progress import progress_enabled
+from ..pruners import get_pruner, parse_pattern
+from ..session import Session
+from .database import LevelDatabase, build_database
+from .fitness import KLFitness, logit_softcap
+
+FITNESS = ("KL(dense || candidate) of the next-token distribution, mean over the scored "
+           "calibration tokens; every block pruned at its level on dense inputs (the database)")
+
+
+@dataclass
+class SearchOutcome:
+    """The searched allocation and everything recorded about the search."""
+
+    block_sparsity: list[float]
+    record: dict
+
+
+def database_key(session: Session, pruner: str, pruner_config: dict, pattern: str) -> str:
+    p = session.protocol
+    blob = json.dumps({"model": session.model_id, "weights": session.weights_fingerprint,
+                       "pruner": pruner_config, "pattern": pattern, "seqlen": p.seqlen,
+                       "calib": p.calib, "seed": p.seed, "nsamples": p.nsamples,
+                       "batch": p.batch_size, "bos_per_window": p.bos_per_window},
+                      sort_keys=True)
+    return f"{pruner}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def search_allocation(session: Session, start: list[float], target: float,
+                      config: SearchConfig, pruner: str = "wanda",
+                      pattern: str = "unstructured", stride: int = 1,
+                      use_cache: bool = True) -> SearchOutcome:
+    """Search per-block sparsities from ``start`` (level 0), budget exact.
+
+    The database is cached on disk under ``$SPARSEALLOC_CACHE/search_db`` (``use_cache``);
+    the model is dense again afterwards.
+    """
+    pat = parse_pattern(pattern)
+    if pat.is_nm:
+        raise UserError(f"the search allocator needs unstructured pruning: the pattern {pattern} "
+                        "fixes every block's sparsity at N/M; use --pattern unstructured")
+    prune = get_pruner(pruner)
+    available = session.protocol.nsamples * session.protocol.seqlen
+    if max(config.tokens) > available:  # checked again, exactly, by KLFitness
+        raise UserError(f"--search-tokens {max(config.tokens)} exceeds the {available} "
+                        "calibration tokens (--nsamples x --seqlen); lower it or raise --nsamples")
+    weights = session.params_per_block
+    grid = level_grid(start, weights, config.step, config.levels, config.lo, config.hi)
+    check_budget(grid, [0] * grid.num_blocks, target, weights)  # the start meets the budget
+    if not session.keep_dense:
+        raise RuntimeError("the search needs a Session with keep_dense=True (it loads pruned "
+                           "weights into the model and restores the dense ones)")
+    session.restore_dense()  # dense model, dense copy kept (session.dense_weights)
+
+    folder = (session.cache_dir("search_db") / database_key(session, prune.name, prune.config(),
+                                                            str(pat)) if use_cache else None)
+    db = LevelDatabase(folder, session.dense_weights)
+    wanted = [[grid.sparsity(i, k) for k in grid.block_levels(i)] for i in range(len(start))]
+    t0 = time.perf_counter()
+    with session.timed("search_database"):
+        build_database(db, session.runner, session.capture, prune, pat, wanted)
+    db_seconds = time.perf_counter() - t0
+
+    device = session.protocol.device
+    session.model.to(device)
+    bar = tqdm(total=config.generations, desc="search", leave=False, dynamic_ncols=True,
+               disable=not progress_enabled(session.progress))
+
+    def tick(_gen: int, best: float) -> None:
+        bar.update(1)
+        bar.set_postfix(best_kl=f"{best:.5g}")
+
+    t1 = time.perf_counter()
+    try:
+        with session.timed("search"):
+            fitness = KLFitness(session.runner, session.capture(),
+                                session.model.get_output_embeddings(),
+                                logit_softcap(session.model), db, grid, config.tokens,
+                                stride=stride, seed=config.seed)
+            result = evolve(grid, fitness, config, on_generation=tick)
+    finally:
+        bar.close()
+        session.model.to("cpu")
+        session.restore_dense()
+    search_seconds = time.perf_counter() - t1
+    sparsity = check_budget(grid, result.levels, target, weights)
+    record = {
+        "fitness": FITNESS,
+        "start_block_sparsity": list(grid.start),
+        "start_fitness": result.start_fitness,
+        "final_fitness": result.fitness,
+        "relative_improvement": ((result.start_fitness - result.fitness)
+                                 / result.start_fitness if result.start_fitness > 0 else 0.0),
+        "fitness_curve": result.curve,
+        "improved_generations": result.improved_generations,
+        "levels": list(result.levels),
+        "level_sparsity_step": list(grid.delta),
+        "level_range": [list(grid.kmin), list(grid.kmax)],
+        "config": asdict(config) | {"stride": stride},
+        "tokens_per_stage": fitness.tokens_per_stage,
+        "final_stage_batches": fitness.final_batches,
+        "cost": {
+            "database_seconds": db_seconds,
+            "search_seconds": search_seconds,
+            "database_entries_built": db.built,
+            "database_entries_reused": db.reused,
+            "database_bytes": db.bytes,
+            "database_folder": str(folder) if folder is not None else None,
+            "candidate_evaluations_per_stage": result.evaluations,
+            "token_block_forwards": fitness.token_block_forwards,
+        },
+        "pruner": prune.config(),
+        "pattern": str(pat),
+    }
+    return SearchOutcome(block_sparsity=sparsity, record=record)

@@ -1,0 +1,273 @@
+"""The ``search`` allocator: level grid, mutation, selection, database, KL fitness, CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from tiny_models import SAMPLE_TEXT, save_tiny, tiny_model, tiny_tokenizer
+from typer.testing import CliRunner
+
+from sparsealloc.allocation import AllocationOptions, parse_allocation_spec, weighted_mean
+from sparsealloc.allocation.search import (
+    SearchConfig,
+    check_budget,
+    evolve,
+    level_grid,
+    mutate,
+    offspring,
+)
+from sparsealloc.blockwise import prune_block
+from sparsealloc.cli import app
+from sparsealloc.errors import UserError
+from sparsealloc.frontier import KLFitness, LevelDatabase, build_database, pack_mask, unpack_mask
+from sparsealloc.frontier.fitness import logit_softcap
+from sparsealloc.models.arch import weight_out_in
+from sparsealloc.plan import compute_allocation
+from sparsealloc.protocol import Protocol
+from sparsealloc.pruners import get_pruner, parse_pattern
+from sparsealloc.session import Session
+
+QUICK = dict(search_generations=6, search_offspring=6, search_survivors=(3, 1),
+             search_tokens=(32, 96), search_step=0.1, search_levels=2)
+
+
+def _session(tmp_path, folder=None, text=None, nsamples=6) -> Session:
+    if folder is None:
+        folder, text = save_tiny(tmp_path)
+    proto = Protocol(nsamples=nsamples, seqlen=32, calib=str(text))
+    return Session(str(folder), proto, progress=False)
+
+
+# ---------------------------------------------------------------- pure parts
+@pytest.mark.parametrize("shape", [(3, 5), (8, 8), (1, 13), (7, 129)])
+def test_bit_packed_mask_round_trip(shape):
+    keep = torch.rand(shape, generator=torch.Generator().manual_seed(1)) > 0.4
+    bits = pack_mask(keep)
+    assert bits.dtype == torch.uint8 and bits.numel() == -(-keep.numel() // 8)
+    assert torch.equal(unpack_mask(bits, shape), keep)
+
+
+def test_mutations_keep_the_weighted_budget_exact():
+    weights = [1000, 3000, 2000, 500, 1500]
+    start = [0.6, 0.75, 0.7, 0.5, 0.8]
+    target = weighted_mean(start, weights)
+    grid = level_grid(start, weights, 0.025, 4)
+    rng = random.Random(0)
+    parent = (0,) * 5
+    for _ in range(300):
+        parent = mutate(parent, grid, rng)
+        assert sum(parent) == 0
+        assert all(lo <= k <= hi for k, lo, hi in zip(parent, grid.kmin, grid.kmax, strict=True))
+        s = check_budget(grid, parent, target, weights)
+        assert abs(weighted_mean(s, weights) - target) < 1e-12
+        assert all(0.0 <= x <= 0.99 for x in s)
+    # one level is the same number of weights in every block
+    removed = [d * w for d, w in zip(grid.delta, weights, strict=True)]
+    assert max(removed) - min(removed) < 1e-6
+
+
+def test_grid_stops_at_the_bounds():
+    grid = level_grid([0.05, 0.95], None, 0.025, 4, lo=0.0, hi=0.99)
+    assert grid.kmin == (-2, -4) and grid.kmax == (4, 1)
+
+
+def test_offspring_are_distinct_even_when_the_grid_is_small():
+    grid = level_grid([0.5, 0.5], None, 0.1, 1)
+    kids = offspring((0, 0), grid, 16, random.Random(0))
+    assert len(kids) == len(set(kids)) <= 3
+
+
+def _quadratic(optimum):
+    def fitness(cands, stage):
+        return [sum((k - o) ** 2 for k, o in zip(c, optimum, strict=True)) + 0.1 * stage
+                for c in cands]
+    return fitness
+
+
+def test_evolve_finds_a_planted_optimum_and_never_gets_worse():
+    optimum = (-3, 2, 0, 1, 0, 0)
+    grid = level_grid([0.5] * 6, None, 0.025, 4)
+    cfg = SearchConfig(generations=60, offspring=8, survivors=(4, 1), tokens=(1, 2))
+    res = evolve(grid, _quadratic(optimum), cfg)
+    assert res.levels == optimum
+    assert res.curve[0] == res.start_fitness and res.fitness <= res.start_fitness
+    assert all(b <= a for a, b in zip(res.curve, res.curve[1:], strict=False))
+    again = evolve(grid, _quadratic(optimum), cfg)
+    assert again.curve == res.curve and again.levels == res.levels
+
+
+def test_search_config_rejects_bad_stages():
+    with pytest.raises(UserError, match="end with 1"):
+        SearchConfig(survivors=(8, 2), tokens=(10, 20))
+    with pytest.raises(UserError, match="one value per selection stage"):
+        SearchConfig(survivors=(8, 1), tokens=(10,))
+
+
+def test_spec_parsing():
+    assert parse_allocation_spec("search") == ("uniform", None, False, True)
+    spec = parse_allocation_spec("search:owl+absorb")
+    assert spec.base == "owl" and spec.absorb and spec.search
+    assert not parse_allocation_spec("owl+absorb").search
+    for bad in ("search:", "search:search:owl"):
+        with pytest.raises(UserError, match="search:SPEC"):
+            parse_allocation_spec(bad)
+
+
+# ---------------------------------------------------------------- model side
+@pytest.mark.parametrize("pruner, kind", [("wanda", "mask"), ("magnitude", "mask"),
+                                          ("sparsegpt", "weight")])
+def test_database_entries_are_the_dense_input_prunes(tmp_path, pruner, kind):
+    s = _session(tmp_path)
+    s.restore_dense()
+    db = LevelDatabase(tmp_path / "db", s.dense_weights)
+    p, pat = get_pruner(pruner), parse_pattern("unstructured")
+    wanted = [[0.3, 0.5]] * s.arch.num_blocks
+    build_database(db, s.runner, s.capture, p, pat, wanted)
+    assert db.built == 2 * s.arch.num_blocks
+    assert {e["kind"] for e in db.entry(0, 0.5).values()} == {kind}
+    # block 0 sees the embeddings, dense or not: a plain prune of block 0 must match
+    prune_block(s.runner, 0, s.capture(), p, 0.5, pat)
+    for name, module in s.arch.linears(0).items():
+        assert torch.allclose(db.weights(0, 0.5)[name], weight_out_in(module), atol=1e-6)
+    s.restore_dense()
+    again = LevelDatabase(tmp_path / "db", s.dense_weights)  # read back from disk
+    build_database(again, s.runner, s.capture, p, pat, wanted)
+    assert again.built == 0 and again.reused == 2 * s.arch.num_blocks
+    for name, w in db.weights(2, 0.3).items():
+        assert torch.equal(again.weights(2, 0.3)[name], w)
+
+
+def test_fitness_of_the_dense_levels_is_zero_and_grows_with_sparsity(tmp_path):
+    s = _session(tmp_path)
+    s.restore_dense()
+    grid = level_grid([0.4] * s.arch.num_blocks, None, 0.4, 1, lo=0.0, hi=0.9)
+    db = LevelDatabase(None, s.dense_weights)
+    wanted = [[grid.sparsity(i, k) for k in grid.block_levels(i)] for i in range(3)]
+    build_database(db, s.runner, s.capture, get_pruner("wanda"), parse_pattern("unstructured"),
+                   wanted)
+    fit = KLFitness(s.runner, s.capture(), s.model.get_output_embeddings(),
+                    logit_softcap(s.model), db, grid, [64], stride=2)
+    batches = list(range(6))
+    dense, mid, high = fit.kl((-1, -1, -1), batches), fit.kl((0, 0, 0), batches), \
+        fit.kl((1, 1, 1), batches)
+    assert dense == pytest.approx(0.0, abs=1e-6)
+    assert 0 < mid < high
+    # sharing block outputs between candidates changes nothing but the cost
+    cands = [(0, 0, 0), (1, -1, 0), (1, 0, -1), (-1, 1, 0), (0, 1, -1), (-1, -1, -1)]
+    plain = [fit.kl(c, batches) for c in cands]
+    before = fit.token_block_forwards
+    assert fit.kl_shared(cands, batches) == plain
+    assert fit.token_block_forwards - before < len(cands) * 6 * 32 * 3
+    s.restore_dense()
+
+
+def _search(session, spec="search", target=0.5, **overrides):
+    opts = AllocationOptions(**(QUICK | overrides))
+    return compute_allocation(session, spec, target, opts, pruner="wanda")
+
+
+def test_search_meets_the_budget_and_never_loses_to_its_start(tmp_path):
+    s = _session(tmp_path)
+    dense = [w.clone() for i in range(3) for w in s.dense_weights(i).values()]
+    for spec in ("search", "search:linear"):
+        alloc = _search(s, spec)
+        rec = alloc.options["search"]
+        assert abs(weighted_mean(alloc.block_sparsity, s.params_per_block) - 0.5) < 1e-9
+        assert rec["final_fitness"] <= rec["start_fitness"]
+        assert rec["fitness_curve"][0] == rec["start_fitness"]
+        assert rec["fitness_curve"][-1] == rec["final_fitness"]
+        assert all(b <= a for a, b in zip(rec["fitness_curve"], rec["fitness_curve"][1:],
+                                          strict=False))
+        assert len(rec["fitness_curve"]) == QUICK["search_generations"] + 1
+    assert rec["start_block_sparsity"] == pytest.approx(
+        compute_allocation(s, "linear", 0.5).block_sparsity)
+    after = [weight_out_in(m) for i in range(3) for m in s.arch.linears(i).values()]
+    assert all(torch.equal(a, b) for a, b in zip(dense, after, strict=True))  # dense again
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma3"])
+def test_search_on_other_architectures(tmp_path, arch):
+    s = _session(tmp_path, *save_tiny(tmp_path, arch))
+    dense = [w.clone() for i in range(s.arch.num_blocks) for w in s.dense_weights(i).values()]
+    alloc = _search(s, "search:linear", search_generations=3)
+    assert abs(weighted_mean(alloc.block_sparsity, s.params_per_block) - 0.5) < 1e-9
+    rec = alloc.options["search"]
+    assert 0 < rec["final_fitness"] <= rec["start_fitness"]
+    after = [weight_out_in(m) for i in range(s.arch.num_blocks)
+             for m in s.arch.linears(i).values()]
+    assert all(torch.equal(a, b) for a, b in zip(dense, after, strict=True))
+
+
+def test_start_must_meet_the_budget(tmp_path):
+    s = _session(tmp_path)
+    path = tmp_path / "s.json"
+    path.write_text("[0.2, 0.3, 0.4]")
+    with pytest.raises(UserError, match="start allocation misses the sparsity budget"):
+        _search(s, f"search:file:{path}")
+
+
+def test_search_is_deterministic_for_a_seed(tmp_path):
+    s = _session(tmp_path)
+    a = _search(s, search_seed=3)
+    b = _search(s, search_seed=3)
+    assert a.block_sparsity == b.block_sparsity
+    assert a.options["search"]["fitness_curve"] == b.options["search"]["fitness_curve"]
+    assert b.options["search"]["cost"]["database_entries_reused"] > 0  # second run: from disk
+
+
+def _planted(tmp_path, fragile: int):
+    """A tiny model in which only block ``fragile`` matters: the others write 1/20 of their
+    update into the residual stream, so pruning them barely moves the output."""
+    model = tiny_model("llama", seed=0)
+    with torch.no_grad():
+        for index, block in enumerate(model.model.layers):
+            if index != fragile:
+                block.mlp.down_proj.weight.mul_(0.05)
+                block.self_attn.o_proj.weight.mul_(0.05)
+    folder = tmp_path / "planted"
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    text.write_text(SAMPLE_TEXT)
+    return folder, text
+
+
+@pytest.mark.parametrize("fragile", [0, 1, 2])
+def test_search_finds_the_planted_optimum(tmp_path, fragile):
+    s = _session(tmp_path, *_planted(tmp_path, fragile))
+    alloc = _search(s, search_generations=12)
+    sp = alloc.block_sparsity
+    assert min(range(3), key=lambda i: sp[i]) == fragile
+    assert sp[fragile] == pytest.approx(0.5 - 2 * 0.1)  # the lowest level of the grid
+    assert alloc.options["search"]["final_fitness"] < alloc.options["search"]["start_fitness"]
+
+
+def test_search_rejects_nm_and_too_many_tokens(tmp_path):
+    s = _session(tmp_path)
+    with pytest.raises(UserError, match="unstructured"):
+        compute_allocation(s, "search", 0.5, AllocationOptions(**QUICK), "wanda", "2:4")
+    with pytest.raises(UserError, match="exceeds the 192 calibration tokens"):
+        _search(s, search_tokens=(32, 1000))
+
+
+def test_allocate_writes_search_json_and_plot(tmp_path):
+    folder, text = save_tiny(tmp_path)
+    out = tmp_path / "alloc"
+    args = ["allocate", "--model", str(folder), "--calib", str(text), "--nsamples", "6",
+            "--seqlen", "32", "--sparsity", "0.5", "--allocation", "owl,search:owl",
+            "--search-generations", "3", "--search-offspring", "4", "--search-survivors", "2,1",
+            "--search-tokens", "32,64", "--search-step", "0.05", "--out", str(out), "--quiet"]
+    res = CliRunner().invoke(app, args, catch_exceptions=True)
+    assert res.exit_code == 0, res.output
+    rec = json.loads((out / "search.json").read_text())
+    assert (out / "search.png").is_file()
+    assert rec["allocation"] == "search:owl" and len(rec["fitness_curve"]) == 4
+    full = json.loads((out / "allocation.json").read_text())
+    assert rec["start_block_sparsity"] == pytest.approx(full["allocations"]["owl"]
+                                                         ["block_sparsity"])
+    assert rec["final_fitness"] <= rec["start_fitness"]
+    for key in ("database_seconds", "search_seconds", "candidate_evaluations_per_stage"):
+        assert key in rec["cost"]
