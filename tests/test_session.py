@@ -59,3 +59,27 @@ def test_cache_fingerprint_follows_the_weights_not_the_folder_name(tmp_path):
     prune_row(same, ROW, compute_allocation(same, "uniform", 0.5))
     del same.__dict__["weights_fingerprint"]
     assert same.weights_fingerprint == a.weights_fingerprint
+
+
+def test_one_disk_cache_for_derived_results(tmp_path, monkeypatch):
+    """Spectra (and absorption probes) go through Session.disk_cached, keyed by the weights."""
+    import sparsealloc.session as session_mod
+
+    calls = []
+    real = session_mod.block_alphas
+
+    def counting(blocks):
+        calls.append(len(blocks))
+        return real(blocks)
+
+    monkeypatch.setattr(session_mod, "block_alphas", counting)
+    first = _session(tmp_path, keep_dense=False)
+    a = first.alphas()
+    assert first.alphas() == a and len(calls) == 1  # memory
+    again = Session(first.spec, first.protocol, progress=False, keep_dense=False)
+    assert again.alphas() == pytest.approx(a) and len(calls) == 1  # disk
+    changed = Session(first.spec, first.protocol, progress=False, keep_dense=False)
+    with torch.no_grad():  # other weights: another key
+        next(iter(changed.arch.linears(0).values())).weight.mul_(2)
+    changed.alphas()
+    assert len(calls) == 2

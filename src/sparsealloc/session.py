@@ -23,6 +23,7 @@ from .cache import cache_root
 from .data.corpora import Corpus, calibration_windows, eval_windows, load_corpus, tokenize
 from .errors import UserError
 from .evaluation.perplexity import perplexity
+from .io import read_json, write_json
 from .models.arch import discover, in_features, weight_out_in
 from .models.load import load_model
 from .probe.coefficients import absorption_coefficients
@@ -157,6 +158,28 @@ class Session:
             self.cache[key] = compute()
         return self.cache[key]  # type: ignore[return-value]
 
+    def disk_cached(self, kind: str, key: str, compute: Callable[[], T],
+                    valid: Callable[[Any], bool] = lambda _: True, use_cache: bool = True) -> T:
+        """The one on-disk cache of derived results (spectra, absorption probes): JSON under
+        ``cache_dir(kind)/key.json``, keyed by the caller from :attr:`weights_fingerprint` and
+        the settings; reused in memory for the session; recomputed when absent, unreadable
+        or not ``valid`` (e.g. written by an older probe)."""
+        memo_key = f"{kind}:{key}"
+        if memo_key in self.cache and valid(self.cache[memo_key]):
+            return self.cache[memo_key]  # type: ignore[return-value]
+        path = self.cache_dir(kind) / f"{key}.json"
+        result = None
+        if use_cache and path.is_file():
+            try:
+                result = read_json(path)
+            except (OSError, ValueError):
+                result = None
+        if result is None or not valid(result):
+            result = compute()
+            write_json(path, result)
+        self.cache[memo_key] = result
+        return result  # type: ignore[return-value]
+
     def dense_pass(self, desc: str) -> Iterator[tuple[int, Activations]]:
         """Walk the dense model block by block on the calibration data: yields ``(index,
         activations entering it)``; the block runs on them after the body (the runner's
@@ -187,9 +210,10 @@ class Session:
         def compute() -> list[float]:
             blocks = [list(self.dense_weights(i).values()) for i in range(self.arch.num_blocks)]
             with self.timed("spectra"):
-                return block_alphas(blocks, cache_path=self.cache_dir("spectra"))[0]
+                return block_alphas(blocks)[0]
 
-        return self.memo("alphas", compute)
+        key = hashlib.sha256(f"{self.weights_fingerprint}:alpha_peak:v1".encode()).hexdigest()
+        return self.disk_cached("spectra", key[:16], compute)
 
     def absorption(self, **probe: Any) -> list[float]:
         """Absorption coefficients r_l of the dense model (see

@@ -13,7 +13,6 @@ import json
 import math
 from typing import Any
 
-from ..io import read_json, write_json
 from .engine import Probe, ProbeConfig
 
 # ``session`` below is a :class:`sparsealloc.session.Session` (which calls these through
@@ -64,15 +63,10 @@ def absorption_coefficients(session: Any, eta: float = 1e-2, final: str = "last"
     config = ProbeConfig(etas=[eta], mode=mode, draws=draws, nsamples=nsamples,
                          positions=positions, scale=scale, kl=True,
                          pruner=pruner, sparsity=sparsity, pattern=pattern)
-    key = _cache_key(session, config)
-    path = session.cache_dir("absorption") / f"{key}.json"
-    result = session.cache.get(key)
-    if result is None and use_cache and path.is_file():
-        result = read_json(path)
-    if result is None or final not in result["absorption"]:  # absent, or an older probe
-        result = run_probe(session, config)
-        write_json(path, result)
-    session.cache[key] = result
+    result = session.disk_cached("absorption", _cache_key(session, config),
+                                 lambda: run_probe(session, config),
+                                 valid=lambda r: final in r["absorption"],  # older probes lack it
+                                 use_cache=use_cache)
     if final not in result["absorption"]:
         raise KeyError(f"final '{final}' not computed by this probe")
     values = [float(x) for x in result["absorption"][final][config.keys[0]]]
