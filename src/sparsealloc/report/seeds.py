@@ -25,7 +25,8 @@ def _key(model: str, proto: dict, row: dict) -> tuple:
             if not k.endswith(("_used", "_curve", "_tuned_on")) and k != "search"}
     return (model, row["pruner"]["name"], row["target_sparsity"], row.get("pattern",
             "unstructured"), row["allocation"], json.dumps(opts, sort_keys=True),
-            tuple(proto.get(k) for k in _PROTOCOL_KEYS))
+            tuple(bool(proto.get(k)) if k == "bos_per_window" else proto.get(k)
+                  for k in _PROTOCOL_KEYS))
 
 
 def collect_seeds(records: Iterable[tuple[str, dict]]) -> dict[tuple, dict[int, float]]:
@@ -103,16 +104,35 @@ def _change(c: dict | None) -> str:
     return f"{c['mean']:+.1%}{se}{flag}"
 
 
-def render_seeds(entries: list[dict]) -> str:
+def _variant(entry: dict, defaults: dict | None) -> str:
+    """The options of a row that differ from the defaults (how variants of a spec differ)."""
+    if not defaults:
+        return ""
+    diff = [f"{k}={v}" for k, v in sorted(entry["options"].items())
+            if k in defaults and not _same(v, defaults[k])]
+    return f" ({', '.join(diff)})" if diff else ""
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-9)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def render_seeds(entries: list[dict], defaults: dict | None = None) -> str:
     """Markdown: each row's mean ± sd over seeds and its paired changes (mean ± s.e.; ``*``:
-    larger than twice its standard error)."""
+    larger than twice its standard error). With ``defaults``, a row's options that differ
+    from them are shown next to its allocation."""
     lines = ["| model | pruner | sparsity | allocation | seeds | ppl mean ± sd | vs uniform "
              "(paired) | +absorb vs base (paired) |", "|---|---|---|---|---|---|---|---|"]
     for e in entries:
         lines.append(
             f"| {e['model']} | {e['pruner']} | {e['target_sparsity']:.0%}"
             + (f" {e['pattern']}" if e["pattern"] != "unstructured" else "")
-            + f" | {e['allocation']} | {len(e['seeds'])} | {e['ppl_mean']:.1f} ± "
+            + f" | {e['allocation']}{_variant(e, defaults)} | {len(e['seeds'])} | "
+              f"{e['ppl_mean']:.1f} ± "
               f"{e['ppl_sd']:.1f} | {_change(e.get('vs_uniform'))} | "
               f"{_change(e.get('vs_base'))} |")
     return "\n".join(lines)

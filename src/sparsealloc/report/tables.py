@@ -181,7 +181,7 @@ def table(paths: list[str], *, style: str = "grid", variant: dict | None = None,
     if style == "rows":
         return "\n".join(render_rows(path, rec) for path, rec in records)
     if style == "seeds":
-        return render_seeds(summarise(collect_seeds(records)))
+        return render_seeds(summarise(collect_seeds(records)), defaults)
     if style != "grid":
         raise UserError(f"--style must be grid, rows or seeds (got {style!r})")
     warnings: list[str] = []
