@@ -128,8 +128,8 @@ def prune_with(session: Session, pruner_name: str, pattern_text: str, alloc: All
     """Prune the session's model (from its dense weights) with ``alloc``; return the record."""
     done = prune_from_dense(session, pruner_name, pattern_text, alloc.block_sparsity,
                             alloc.target_sparsity, alloc.spec, alloc.expert_sparsity)
-    measured = measured_sparsity(session.arch)
-    bad = nonfinite_blocks(session.arch)
+    measured = measured_sparsity(session.arch, session.hold)
+    bad = nonfinite_blocks(session.arch, session.hold)
     experts = done.report.record(session.arch)
     if experts["experts_without_tokens"]:
         warn(f"{experts['experts_without_tokens']} expert(s) received no calibration token and "
@@ -177,7 +177,8 @@ def run_prune(
     if session is None:  # one prune: no dense copy unless a search (gamma auto, linear:auto)
         auto = options is not None and is_auto(options.absorb_gamma) and spec.absorb
         session = Session(model, protocol, progress=progress,
-                          keep_dense=auto or spec.base in TUNED_BASES)
+                          keep_dense=auto or spec.base in TUNED_BASES, scratch_near=save)
+    session.check_tasks(request.tasks)
     check_against_model(session, [spec], pattern)
     run_dir = start_run_dir(out, "prune")
     alloc = compute_allocation(session, allocation, sparsity, options, pruner, pattern)
@@ -186,10 +187,8 @@ def run_prune(
     record.update(evaluate(session, request))
     why = mark_status(record)
     if save is not None and why is None:
-        from .models.load import save_model
-
         with session.timed("save"):
-            save_model(session.model, session.tokenizer, save, overwrite=overwrite)
+            session.save(save, overwrite=overwrite)
         record["saved_to"] = str(Path(save).expanduser().resolve())
     finish(session, record, run_dir)
     if why is not None:
@@ -204,9 +203,10 @@ def run_eval(model: str, protocol, request: EvalRequest, out: str | Path | None 
              progress: bool = True) -> dict:
     check_inputs(protocol, request, out)
     session = Session(model, protocol, progress=progress, keep_dense=False)
+    session.check_tasks(request.tasks)
     run_dir = start_run_dir(out, "eval")
     record = base_record(session)
-    measured = measured_sparsity(session.arch)
+    measured = measured_sparsity(session.arch, session.hold)
     record["measured_sparsity"] = measured["overall"]
     record["block_weight_sparsity"] = measured["block_weights"]
     record.update(evaluate(session, request))

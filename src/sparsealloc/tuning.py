@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from .allocation.nm import check_levels_meet, nm_levels
 from .errors import UserError
-from .evaluation.perplexity import perplexity
 from .pruners import Pruner, get_pruner
 from .pruners.masks import UNSTRUCTURED, Pattern, parse_pattern
 from .pruning import PruneReport, check_patterns, prune_sequential
@@ -94,8 +93,7 @@ def choose_on_tuning_slice(session: Session, label: str,
     for value, block_sparsity in candidates:
         prune_from_dense(session, pruner, pattern, block_sparsity, spec=f"{label}={value:g}")
         with session.timed(f"{label}_search"):
-            ppl = perplexity(session.model, windows, session.protocol.device,
-                             progress=session.progress, desc=f"tune {label}={value:g}")["ppl"]
+            ppl = session.window_perplexity(windows, desc=f"tune {label}={value:g}")["ppl"]
         curve.append({label: value, "tune_ppl": ppl})
     session.restore_dense()
     best = min(curve, key=lambda c: (c["tune_ppl"], abs(c[label])))
