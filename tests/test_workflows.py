@@ -123,6 +123,9 @@ def test_auto_gamma_picks_zero_when_every_gamma_hurts(monkeypatch):
 
             return contextlib.nullcontext()
 
+        def window_perplexity(self, windows, desc):
+            return fake_ppl(None, windows, "cpu", False, desc)
+
     def fake_prune(session, pruner, pattern, block_sparsity, target=None, spec=""):
         calls.append(list(block_sparsity))
         return None, 0.0, []
@@ -134,7 +137,6 @@ def test_auto_gamma_picks_zero_when_every_gamma_hurts(monkeypatch):
     import sparsealloc.tuning as tuning
 
     monkeypatch.setattr(tuning, "prune_from_dense", fake_prune)
-    monkeypatch.setattr(tuning, "perplexity", fake_ppl)
     gamma, curve = correction.choose_gamma(FakeSession(), [0.5, 0.5, 0.5], [3.0, 1.0, 0.3], 0.5,
                                            AllocationOptions(), "wanda", "unstructured")
     assert gamma == 0.0
