@@ -315,6 +315,7 @@ def eval_(
     limit: Limit = None, batch_size: EvalBatch = 8, out: Out = None, seqlen: SeqLen = 2048,
     eval_tokens: EvalTokens = None, data_dir: DataDir = None, device: Device = "cpu",
     bos_per_window: BosPerWindow = False, allow_long_seqlen: AllowLong = False,
+    dtype: DType = "float32", compute_dtype: ComputeDType = "auto", stream: Stream = None,
     quiet: Quiet = False,
 ) -> None:
     """Evaluate a model (packaged name, folder such as a --save output, or hub id)."""
@@ -324,7 +325,9 @@ def eval_(
     set_quiet(quiet)
     proto = Protocol(nsamples=1, seqlen=seqlen, eval_tokens=eval_tokens, data_dir=data_dir,
                      device=device, bos_per_window=bos_per_window,
-                     allow_long_seqlen=allow_long_seqlen)
+                     allow_long_seqlen=allow_long_seqlen, dtype=dtype,
+                     compute_dtype=compute_dtype,
+                     stream="auto" if stream is None else ("on" if stream else "off"))
     req = eval_options(ppl, tasks, limit, batch_size)
     with reports_interrupt(out, "eval"):
         record = run_eval(model, proto, req, out=out, progress=not quiet)

@@ -58,6 +58,7 @@ class Session:
         self.arch = discover(self.model)
         if self._stream:
             self._start_streaming(scratch_near)
+        self.source["streamed"] = self.streaming
         config = self.model.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         note = protocol.check_positions(getattr(text_config, "max_position_embeddings", None),
