@@ -148,3 +148,25 @@ def test_auto_stream_when_weights_exceed_memory_share(tmp_path, monkeypatch):
     assert Session(str(folder), _proto(text), progress=False).streaming
     monkeypatch.setenv("SPARSEALLOC_MEMORY_LIMIT", "100GiB")
     assert not Session(str(folder), _proto(text), progress=False).streaming
+
+
+def test_streamed_zeroshot_runs_offloaded_and_matches(tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from sparsealloc.evaluation.zeroshot import evaluate_zeroshot
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.delenv("SPARSEALLOC_HUB", raising=False)
+    monkeypatch.setenv("SPARSEALLOC_MEMORY_LIMIT", "200KiB")  # half of it: part goes to disk
+    mem, streamed, _ = _pair(tmp_path, "llama")
+    rows, placed = [], []
+    for s in (mem, streamed):
+        with s.zeroshot_model() as model:
+            placed.append(set(getattr(model, "hf_device_map", {"": "in memory"}).values()))
+            rows.append(evaluate_zeroshot(model, s.tokenizer, ["arc_easy"], limit=4,
+                                          batch_size=2, progress=False)["zeroshot"]["arc_easy"])
+    assert rows[0]["correct"] == rows[1]["correct"]
+    assert "disk" in placed[1]  # really offloaded
+    prune_with(streamed, "wanda", "unstructured", compute_allocation(streamed, "uniform", 0.5))
+    with pytest.raises(Exception, match="--save DIR"), streamed.zeroshot_model():
+        pass

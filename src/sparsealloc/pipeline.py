@@ -103,14 +103,10 @@ def evaluate(session: Session, request: EvalRequest) -> dict:
     if request.tasks:
         from .evaluation.zeroshot import evaluate_zeroshot
 
-        with session.timed("eval_zeroshot"):
-            session.model.to(session.protocol.device)
-            try:
-                out.update(evaluate_zeroshot(session.model, session.tokenizer, request.tasks,
-                                             limit=request.limit, batch_size=request.batch_size,
-                                             progress=session.progress))
-            finally:
-                session.model.to("cpu")
+        with session.timed("eval_zeroshot"), session.zeroshot_model() as model:
+            out.update(evaluate_zeroshot(model, session.tokenizer, request.tasks,
+                                         limit=request.limit, batch_size=request.batch_size,
+                                         progress=session.progress))
     return out
 
 
@@ -203,7 +199,6 @@ def run_eval(model: str, protocol, request: EvalRequest, out: str | Path | None 
              progress: bool = True) -> dict:
     check_inputs(protocol, request, out)
     session = Session(model, protocol, progress=progress, keep_dense=False)
-    session.check_tasks(request.tasks)
     run_dir = start_run_dir(out, "eval")
     record = base_record(session)
     measured = measured_sparsity(session.arch, session.hold)

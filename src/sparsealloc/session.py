@@ -25,10 +25,17 @@ from .data.corpora import Corpus, calibration_windows, eval_windows, load_corpus
 from .errors import UserError
 from .evaluation.blockwise import blockwise_window_nlls, on, summarise
 from .evaluation.perplexity import perplexity
-from .memory import available_bytes, check_fits, choose_stream, streamed_need
+from .memory import STREAM_SHARE, available_bytes, check_fits, choose_stream, streamed_need
 from .models.arch import discover, weight_out_in
 from .models.experts import fused_layout
-from .models.load import LoadedModel, as_dtype, checkpoint_folder, load_model, load_skeleton
+from .models.load import (
+    LoadedModel,
+    as_dtype,
+    checkpoint_folder,
+    load_model,
+    load_offloaded,
+    load_skeleton,
+)
 from .models.load import save_model as save_in_memory
 from .models.shards import save_streamed
 from .models.stream import Checkpoint, StreamedWeights
@@ -186,9 +193,32 @@ class Session:
         return save_in_memory(self.model, self.tokenizer, out, overwrite=overwrite)
 
     def check_tasks(self, tasks: list[str]) -> None:
+        """Before a streamed prune: zero-shot tasks cannot run on the pruned blocks' overlay."""
         if tasks and self.weights is not None:
-            raise UserError("zero-shot --tasks need the whole model in memory: run with "
-                            "--no-stream, or prune with --save DIR and evaluate DIR")
+            raise UserError("zero-shot --tasks after a streamed prune are not supported: prune "
+                            "with --save DIR, then run sparsealloc eval --model DIR --tasks ...")
+
+    @contextmanager
+    def zeroshot_model(self) -> Iterator[nn.Module]:
+        """The model for lm-eval: in memory on the device, or (streaming, dense checkpoint)
+        loaded by accelerate with CPU / disk offload -- slow but it runs."""
+        if self.weights is None:
+            self.model.to(self.protocol.device)
+            try:
+                yield self.model
+            finally:
+                self.model.to("cpu")
+            return
+        if self.modified:
+            raise UserError("zero-shot evaluation of a streamed, pruned model: save it with "
+                            "--save DIR and run sparsealloc eval --model DIR --tasks ...")
+        model = load_offloaded(self.weights.checkpoint.folder, self.storage_dtype,
+                               self.protocol.device, int(STREAM_SHARE * self._available),
+                               self.weights.scratch / "offload")
+        try:
+            yield model
+        finally:
+            del model
 
     # ---------------------------------------------------------------- helpers
     @contextmanager

@@ -353,3 +353,24 @@ def load_skeleton(spec: str, folder: Path, dtype: torch.dtype) -> LoadedModel:
     source.update({"spec": spec, "load_seconds": round(time.perf_counter() - start, 3),
                    "streamed": True})
     return _finish(LoadedModel(model, tokenizer, source), dtype, "cpu")
+
+
+def load_offloaded(folder: Path, dtype: torch.dtype, device: str, cpu_bytes: int,
+                   offload_dir: Path) -> Any:
+    """The model of ``folder`` dispatched by accelerate (``device_map="auto"``): what does not
+    fit in ``cpu_bytes`` (and the GPU, with ``device`` cuda) is offloaded to ``offload_dir``.
+    Slow but complete: for zero-shot evaluation of a model that does not fit in memory."""
+    from transformers import AutoModelForCausalLM
+
+    max_memory: dict[Any, int] = {"cpu": int(cpu_bytes)}
+    if device.startswith("cuda"):
+        index = torch.device(device).index or 0
+        max_memory[index] = torch.cuda.mem_get_info(index)[0]
+    offload_dir.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, device_map="auto", max_memory=max_memory,
+        offload_folder=str(offload_dir), attn_implementation=ATTN_IMPLEMENTATION)
+    model.eval()
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    return model
