@@ -53,7 +53,7 @@ def write_shards(weights: StreamedWeights, folder: Path) -> dict[str, str]:
             keys = list(tensors)
         weight_map.update(dict.fromkeys(keys, name))
     name = shard_name(total, total)
-    outside = _cast({s.key: weights.checkpoint.read(s.key) for s in weights.outside_slots},
+    outside = _cast(weights.checkpoint.read_many([s.key for s in weights.outside_slots]),
                     weights.dtype)
     save_file(outside, str(folder / name), metadata={"format": "pt"})
     weight_map.update(dict.fromkeys(outside, name))

@@ -24,6 +24,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -32,6 +33,9 @@ from torch import nn
 
 from ..errors import UserError
 
+_FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+           "F64": torch.float64}
+_INT_SIZES = {"I8": 1, "U8": 1, "BOOL": 1, "I16": 2, "I32": 4, "I64": 8}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
@@ -51,45 +55,69 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
 
 
 class Checkpoint:
-    """Read tensors by name from a folder's safetensors files (handles kept open)."""
+    """Read tensors by name from a folder's safetensors files.
+
+    Files are opened per read and closed after it: safetensors memory-maps them, and pages of
+    a mapping kept open stay resident (and count in the process's RSS) long after the block
+    that needed them was dropped.
+    """
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.files = checkpoint_files(folder)
-        self._handles: dict[Path, object] = {}
 
     def __contains__(self, key: str) -> bool:
         return key in self.files
 
-    def _handle(self, path: Path):
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt")
-        return self._handles[path]
+    @contextlib.contextmanager
+    def _handle(self, path: Path) -> Iterator[Any]:
+        with safe_open(str(path), framework="pt") as fh:
+            yield fh
 
     def read(self, key: str) -> torch.Tensor:
-        return self._handle(self.files[key]).get_tensor(key)
+        return self.read_many([key])[key]
+
+    def read_many(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Tensors by name, each file opened once."""
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.files[key], []).append(key)
+        out = {}
+        for path, names in by_file.items():
+            with self._handle(path) as fh:
+                for key in names:
+                    out[key] = fh.get_tensor(key)
+        return {key: out[key] for key in keys}
+
+    def _headers(self) -> Iterator[tuple[str, str, list[int]]]:
+        """(name, safetensors dtype, shape) of every tensor, from the files' headers."""
+        by_file: dict[Path, list[str]] = {}
+        for key, path in self.files.items():
+            by_file.setdefault(path, []).append(key)
+        for path, names in by_file.items():
+            with self._handle(path) as fh:
+                for key in names:
+                    sl = fh.get_slice(key)
+                    yield key, sl.get_dtype(), list(sl.get_shape())
 
     def dtype(self) -> torch.dtype:
         """The dtype of the checkpoint's first floating-point tensor (its storage dtype)."""
-        for key in self.files:
-            t = self._handle(self.files[key]).get_slice(key)
-            name = t.get_dtype()
-            mapping = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-            if name in mapping:
-                return mapping[name]
+        for _, name, _ in self._headers():
+            if name in _FLOATS:
+                return _FLOATS[name]
         return torch.float32
 
     def nbytes(self, dtype: torch.dtype | None = None) -> int:
-        """Bytes of all tensors, at ``dtype`` when given (else as stored)."""
+        """Bytes of all tensors, at ``dtype`` when given for floating ones (else as stored)."""
         total = 0
-        for key, path in self.files.items():
-            sl = self._handle(path).get_slice(key)
+        for _, name, shape in self._headers():
             n = 1
-            for d in sl.get_shape():
+            for d in shape:
                 n *= d
-            size = {"F32": 4, "BF16": 2, "F16": 2, "F64": 8}.get(sl.get_dtype(), 4)
-            floating = sl.get_dtype() in ("F32", "BF16", "F16", "F64")
-            total += n * (dtype.itemsize if dtype is not None and floating else size)
+            if name in _FLOATS:
+                total += n * (dtype or _FLOATS[name]).itemsize
+            else:
+                total += n * _INT_SIZES.get(name, 8)
         return total
 
 
@@ -169,8 +197,10 @@ class StreamedWeights:
         StreamedWeights._set(slot, torch.empty(slot.shape, dtype=slot.dtype, device="meta"))
 
     def _fill(self, slots: list[_Slot], source: dict[str, torch.Tensor] | None = None) -> None:
+        if source is None:
+            source = self.checkpoint.read_many([slot.key for slot in slots])
         for slot in slots:
-            t = source[slot.key] if source is not None else self.checkpoint.read(slot.key)
+            t = source[slot.key]
             self._set(slot, t.to(self.dtype) if t.is_floating_point() else t)
 
     def block_tensors(self, index: int, dense: bool = False) -> dict[str, torch.Tensor]:
@@ -179,7 +209,7 @@ class StreamedWeights:
         if path is not None and not dense:
             with safe_open(str(path), framework="pt") as fh:
                 return {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
-        return {s.key: self.checkpoint.read(s.key) for s in self.block_slots[index]}
+        return self.checkpoint.read_many([s.key for s in self.block_slots[index]])
 
     @contextlib.contextmanager
     def block(self, index: int) -> Iterator[None]:
