@@ -170,3 +170,14 @@ def test_streamed_zeroshot_runs_offloaded_and_matches(tmp_path, monkeypatch):
     prune_with(streamed, "wanda", "unstructured", compute_allocation(streamed, "uniform", 0.5))
     with pytest.raises(Exception, match="--save DIR"), streamed.zeroshot_model():
         pass
+
+
+def test_stream_refuses_moe_with_one_line(tmp_path):
+    from tiny_models import save_tiny_moe
+
+    from sparsealloc.errors import UserError
+
+    folder, text = save_tiny_moe(tmp_path, "mixtral")
+    with pytest.raises(UserError, match="mixture-of-experts.*--no-stream") as exc:
+        Session(str(folder), _proto(text, stream="on"), progress=False)
+    assert "\n" not in str(exc.value)
