@@ -95,10 +95,11 @@ def write_model(folder: Path, hidden: int, inter: int, layers: int, heads: int, 
     return total
 
 
-def prune(model: Path, text: Path, pruner: str, work: Path) -> dict:
+def prune(model: Path, text: Path, pruner: str, work: Path, sparsity: float = 0.5) -> dict:
     run, saved = work / f"run-{model.name}-{pruner}", work / f"saved-{model.name}-{pruner}"
     cmd = [sys.executable, "-m", "sparsealloc.cli", "prune", "--model", str(model), "--calib",
-           str(text), "--pruner", pruner, "--sparsity", "0.5", "--nsamples", "2", "--seqlen",
+           str(text), "--pruner", pruner, "--sparsity", str(sparsity), "--nsamples", "2",
+           "--seqlen",
            "64", "--ppl", "", "--dtype", "auto", "--stream", "--save", str(saved),
            "--overwrite", "--out", str(run), "--quiet"]
     start = time.perf_counter()
@@ -108,7 +109,8 @@ def prune(model: Path, text: Path, pruner: str, work: Path) -> dict:
     layers = rec["architecture"]["num_blocks"]
     saved_bytes = sum(p.stat().st_size for p in saved.glob("*.safetensors"))
     shutil.rmtree(saved, ignore_errors=True)  # disk: the next run needs the room
-    return {"pruner": pruner, "peak_rss_gib": rec["peak_rss_mb"] / 1024, "wall_s": wall,
+    return {"pruner": pruner, "sparsity": sparsity, "peak_rss_gib": rec["peak_rss_mb"] / 1024,
+            "wall_s": wall,
             "prune_s": rec["prune_seconds"], "s_per_block": rec["prune_seconds"] / layers,
             "measured_sparsity": rec["measured_sparsity"], "saved_gib": saved_bytes / 2**30,
             "timings": rec["timings"]}
@@ -121,7 +123,11 @@ def main() -> None:
     ap.add_argument("--pruners", default="wanda,sparsegpt")
     ap.add_argument("--sparsegpt-max-gb", type=float, default=1e9,
                     help="run SparseGPT only on models up to this size (it is slow on 1 core)")
+    ap.add_argument("--sparsity", type=float, default=0.5,
+                    help="0 streams, writes and saves every block without pruning work (the "
+                    "I/O path alone, for sizes where pruning on one core takes hours)")
     ap.add_argument("--keep", action="store_true", help="keep the written models")
+    ap.add_argument("--reuse", action="store_true", help="reuse a model already written")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     text = args.work / "calib.txt"
@@ -132,14 +138,18 @@ def main() -> None:
         hidden, inter, layers, heads, kv = SHAPES[size]
         folder = args.work / f"llama-{size}gb"
         start = time.perf_counter()
-        nbytes = write_model(folder, hidden, inter, layers, heads, kv)
+        if args.reuse and (folder / "model.safetensors.index.json").is_file():
+            index = json.loads((folder / "model.safetensors.index.json").read_text())
+            nbytes = index["metadata"]["total_size"]
+        else:
+            nbytes = write_model(folder, hidden, inter, layers, heads, kv)
         row = {"size": size, "weights_gib": nbytes / 2**30, "hidden": hidden,
                "intermediate": inter, "layers": layers,
                "write_s": time.perf_counter() - start, "runs": []}
         for pruner in args.pruners.split(","):
             if pruner == "sparsegpt" and float(size) > args.sparsegpt_max_gb:
                 continue
-            row["runs"].append(prune(folder, text, pruner, args.work))
+            row["runs"].append(prune(folder, text, pruner, args.work, args.sparsity))
             print(json.dumps({"size": size, **row["runs"][-1]} | {"timings": None}), flush=True)
         rows.append(row)
         if not args.keep:
