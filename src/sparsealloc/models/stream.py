@@ -19,8 +19,10 @@ tests check that no more than one block's weights are ever materialised.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,29 @@ _FLOATS = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
 _INT_SIZES = {"I8": 1, "U8": 1, "BOOL": 1, "I16": 2, "I32": 4, "I64": 8}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        lib = ctypes.CDLL("libc.so.6")
+        return lib if hasattr(lib, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def release_heap() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``).
+
+    Without it, the heap fragments as blocks come and go and the resident memory creeps up
+    block after block (measured: +0.5 GB a minute over the blocks of a 29 GiB model).
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def checkpoint_files(folder: Path) -> dict[str, Path]:
@@ -230,6 +255,7 @@ class StreamedWeights:
             for slot in slots:
                 self._drop(slot)
             self.materialised -= self.block_size[index]
+            release_heap()
 
     @contextlib.contextmanager
     def outside(self) -> Iterator[None]:
@@ -244,6 +270,7 @@ class StreamedWeights:
         finally:
             for slot in slots:
                 self._drop(slot)
+            release_heap()
 
     # ------------------------------------------------------------------ overlay
     def overlay_name(self, index: int) -> str:
