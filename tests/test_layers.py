@@ -9,7 +9,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "sparsealloc"
 
 LAYERS = [
-    {"__init__", "errors", "io", "progress", "cache", "protocol", "outputs"},
+    {"__init__", "errors", "io", "progress", "cache", "protocol", "outputs", "memory"},
     {"models", "data"},
     {"runner", "pruners", "stats", "blockwise", "evaluation", "probe"},
     {"session"},
@@ -20,7 +20,8 @@ LAYERS = [
     {"jobs"},
     {"cli", "__main__"},
 ]
-LAZY_OK = {"transformers", "datasets", "lm_eval", "yaml", "pyarrow", "gguf", "rich"}
+LAZY_OK = {"transformers", "datasets", "lm_eval", "yaml", "pyarrow", "gguf", "rich", "accelerate",
+           "huggingface_hub"}
 
 
 def _unit(path: Path) -> str:

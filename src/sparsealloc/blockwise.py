@@ -12,7 +12,8 @@ sees exactly the inputs one pass over the dense block would give it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -216,41 +217,53 @@ def prune_sequential(
             report.add(index, prune_block(runner, index, acts, pruner, s, p, stats_budget,
                                           experts))
 
-    first = next(iter(runner.arch.linears(0).values()))
+    first = next(iter(runner.arch.linears(0).values()))  # a meta tensor when streaming: fine
     if pruner.make_stats(_as_linear(first)) is None:  # data-free (magnitude): no block passes
         for index in range(runner.num_blocks):
-            one(index)
+            with runner.holding(index):  # streaming: the block's weights exist only here
+                one(index)
         return report
     for index in runner.sequential(acts, desc=f"pruning ({pruner.name})"):
         one(index)
     return report
 
 
-def measured_sparsity(arch: Architecture) -> dict:
+Hold = Callable[[int], AbstractContextManager]
+
+
+def _no_hold(_index: int) -> AbstractContextManager:
+    return nullcontext()
+
+
+def measured_sparsity(arch: Architecture, hold: Hold = _no_hold) -> dict:
     """Share of zero weights over the pruned layers (overall and per block), and over all
     >=2-D weights of the decoder blocks (``block_weights``: what the pruned layers leave out
-    counts as dense)."""
+    counts as dense). ``hold(i)`` makes block i's weights real (``BlockRunner.holding``)."""
     per_block, zeros_total, total = [], 0, 0
+    all_zeros = all_total = 0
     for i in range(arch.num_blocks):
         z = n = 0
-        for module in arch.linears(i).values():
-            w = weight_out_in(module)
-            z += int((w == 0).sum())
-            n += w.numel()
+        with hold(i):
+            for module in arch.linears(i).values():
+                w = weight_out_in(module)
+                z += int((w == 0).sum())
+                n += w.numel()
+            for w in arch.block_weights(i).values():
+                all_zeros += int((w == 0).sum())
+                all_total += w.numel()
         per_block.append(z / n)
         zeros_total += z
         total += n
-    all_zeros = all_total = 0
-    for i in range(arch.num_blocks):
-        for w in arch.block_weights(i).values():
-            all_zeros += int((w == 0).sum())
-            all_total += w.numel()
     return {"overall": zeros_total / total, "per_block": per_block,
             "block_weights": all_zeros / all_total}
 
 
-def nonfinite_blocks(arch: Architecture) -> list[int]:
+def nonfinite_blocks(arch: Architecture, hold: Hold = _no_hold) -> list[int]:
     """Blocks holding a NaN or infinite weight in a prunable layer (a diverged prune)."""
-    return [i for i in range(arch.num_blocks)
+    out = []
+    for i in range(arch.num_blocks):
+        with hold(i):
             if any(not bool(torch.isfinite(weight_out_in(m)).all())
-                   for m in arch.linears(i).values())]
+                   for m in arch.linears(i).values()):
+                out.append(i)
+    return out

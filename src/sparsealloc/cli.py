@@ -56,6 +56,13 @@ BosPerWindow = Annotated[bool, typer.Option(
 AllowLong = Annotated[bool, typer.Option(
     "--allow-long-seqlen", help="allow windows longer than the model's trained positions "
     "(refused otherwise; recorded)")]
+DType = Annotated[str, typer.Option(help="storage dtype of the weights: auto (the checkpoint's), "
+                 "float32, bfloat16 or float16; --save writes this dtype")]
+ComputeDType = Annotated[str, typer.Option(help="dtype blocks compute in: auto (float32 on CPU, "
+                         "the storage dtype on CUDA), float32, bfloat16 or float16")]
+Stream = Annotated[bool | None, typer.Option(
+    "--stream/--no-stream", help="read one decoder block's weights at a time from the "
+    "checkpoint's safetensors (default: when the weights exceed half the available memory)")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
 Out = Annotated[Path | None, typer.Option(help="run folder (result file written last)")]
 Sparsity = Annotated[float, typer.Option(help="target mean sparsity in [0,1)")]
@@ -99,13 +106,16 @@ def protocol_options(
     nsamples: NSamples = 128, seqlen: SeqLen = 2048, seed: Seed = 0, calib: Calib = "c4",
     eval_seqlen: EvalSeqLen = None, eval_tokens: EvalTokens = None, data_dir: DataDir = None,
     device: Device = "cpu", bos_per_window: BosPerWindow = False,
-    allow_long_seqlen: AllowLong = False,
+    allow_long_seqlen: AllowLong = False, dtype: DType = "float32",
+    compute_dtype: ComputeDType = "auto", stream: Stream = None,
 ):
     """The calibration and evaluation protocol (``Protocol``) of prune, allocate and compare."""
     return Protocol(nsamples=nsamples, seqlen=seqlen, seed=seed, calib=calib,
                     eval_seqlen=eval_seqlen, eval_tokens=eval_tokens, data_dir=data_dir,
                     device=device, bos_per_window=bos_per_window,
-                    allow_long_seqlen=allow_long_seqlen)
+                    allow_long_seqlen=allow_long_seqlen, dtype=dtype,
+                    compute_dtype=compute_dtype,
+                    stream="auto" if stream is None else ("on" if stream else "off"))
 
 
 _GROUP_ORDER = ("owl", "alpha", "linear", "dlp", "lsa", "absorb", "expert", "search")
@@ -297,13 +307,16 @@ def eval_(
     limit: Limit = None, batch_size: EvalBatch = 8, out: Out = None, seqlen: SeqLen = 2048,
     eval_tokens: EvalTokens = None, data_dir: DataDir = None, device: Device = "cpu",
     bos_per_window: BosPerWindow = False, allow_long_seqlen: AllowLong = False,
+    dtype: DType = "float32", compute_dtype: ComputeDType = "auto", stream: Stream = None,
     quiet: Quiet = False,
 ) -> None:
     """Evaluate a model (packaged name, folder such as a --save output, or hub id)."""
     set_quiet(quiet)
     proto = Protocol(nsamples=1, seqlen=seqlen, eval_tokens=eval_tokens, data_dir=data_dir,
                      device=device, bos_per_window=bos_per_window,
-                     allow_long_seqlen=allow_long_seqlen)
+                     allow_long_seqlen=allow_long_seqlen, dtype=dtype,
+                     compute_dtype=compute_dtype,
+                     stream="auto" if stream is None else ("on" if stream else "off"))
     req = eval_options(ppl, tasks, limit, batch_size)
     with reports_interrupt(out, "eval"):
         record = run_eval(model, proto, req, out=out, progress=not quiet)

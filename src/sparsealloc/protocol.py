@@ -30,6 +30,10 @@ def check_device(device: str) -> str:
     return text
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+STREAM_MODES = ("auto", "on", "off")
+
+
 @dataclass
 class Protocol:
     """Calibration and evaluation settings.
@@ -50,6 +54,11 @@ class Protocol:
             to always see BOS first (Gemma) score text far worse without it.
         allow_long_seqlen: run with ``seqlen`` / ``eval_seqlen`` beyond the positions the model
             was trained for (refused otherwise); recorded.
+        dtype: storage dtype of the weights (``auto``: the checkpoint's own).
+        compute_dtype: dtype each block computes in (``auto``: float32 on CPU, the storage
+            dtype on CUDA). Statistics always accumulate in float32 or float64.
+        stream: read one block's weights at a time from the checkpoint (``auto``: when the
+            weights exceed a share of the available memory; see :mod:`sparsealloc.memory`).
     """
 
     nsamples: int = 128
@@ -63,6 +72,9 @@ class Protocol:
     batch_size: int = 1
     bos_per_window: bool = False
     allow_long_seqlen: bool = False
+    dtype: str = "float32"
+    compute_dtype: str = "auto"
+    stream: str = "auto"
 
     def __post_init__(self) -> None:
         check(self.nsamples >= 1, f"--nsamples must be at least 1 (got {self.nsamples})")
@@ -76,6 +88,12 @@ class Protocol:
               f"{self.eval_seqlen} tokens (--eval-seqlen); give at least {self.eval_seqlen}")
         check(self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})")
         self.device = check_device(self.device)
+        check(self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)} "
+              f"(got {self.dtype!r})")
+        check(self.compute_dtype in DTYPES, f"--compute-dtype must be one of "
+              f"{', '.join(DTYPES)} (got {self.compute_dtype!r})")
+        check(self.stream in STREAM_MODES, f"stream must be one of {', '.join(STREAM_MODES)} "
+              f"(got {self.stream!r})")
 
     def check_positions(self, max_positions: int | None, model: str) -> str | None:
         """Refuse windows longer than the model's positions (a warning with allow_long_seqlen)."""

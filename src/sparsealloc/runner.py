@@ -5,6 +5,12 @@ every decoder block is then run on the outputs of the blocks before it (already
 pruned, when pruning). Only the block being processed is moved to the compute
 device; hidden states live on the storage device (CPU by default).
 
+Streaming (:mod:`sparsealloc.models.stream`): with a ``weights`` provider, a block's weights
+exist only while the runner holds it (:meth:`BlockRunner.holding`, entered by
+:meth:`BlockRunner.on_device`). With a ``compute_dtype``, hidden states, the captured call
+arguments and the block on the device are in that dtype; the block goes back to its storage
+dtype afterwards.
+
 Capture records, for every calibration batch and every block, everything the
 model passed to that block (positional arguments and keyword arguments:
 attention masks, position embeddings, position ids, ...). It does so by
@@ -18,7 +24,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -39,9 +45,10 @@ class BlockCall:
     kwargs: dict[str, Any]
     hidden_in_kwargs: bool
 
-    def invoke(self, block: nn.Module, hidden: torch.Tensor, device: torch.device) -> torch.Tensor:
-        args = _to(self.args, device)
-        kwargs = _to(self.kwargs, device)
+    def invoke(self, block: nn.Module, hidden: torch.Tensor, device: torch.device,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+        args = _to(self.args, device, dtype)
+        kwargs = _to(self.kwargs, device, dtype)
         if self.hidden_in_kwargs:
             out = block(*args, hidden_states=hidden, **kwargs)
         else:
@@ -49,16 +56,25 @@ class BlockCall:
         return out if isinstance(out, torch.Tensor) else out[0]
 
 
-def _to(obj: Any, device: torch.device) -> Any:
+def _to(obj: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """``obj`` on ``device``; floating tensors also in ``dtype`` when given."""
     if isinstance(obj, torch.Tensor):
+        if dtype is not None and obj.is_floating_point() and obj.dtype != dtype:
+            return obj.to(device, dtype)
         return obj if obj.device == device else obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(_to(o, device, dtype) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [_to(o, device, dtype) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
     return obj
+
+
+class WeightsProvider(Protocol):
+    """Makes a block's weights real for the duration of a context (streaming)."""
+
+    def block(self, index: int) -> contextlib.AbstractContextManager[None]: ...
 
 
 @dataclass
@@ -80,6 +96,8 @@ class BlockRunner:
         device: where each block is computed ("cpu" or "cuda[:i]").
         storage_device: where hidden states are kept between blocks (default CPU).
         progress: show progress bars.
+        weights: streaming provider (None: the weights are in memory).
+        compute_dtype: dtype blocks compute in (None: their own).
     """
 
     def __init__(
@@ -89,6 +107,8 @@ class BlockRunner:
         storage_device: str | torch.device = "cpu",
         progress: bool = True,
         arch: Architecture | None = None,
+        weights: WeightsProvider | None = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.arch = arch or discover(model)
@@ -96,6 +116,8 @@ class BlockRunner:
         self.storage = torch.device(storage_device)
         self.progress = progress
         self.block_forwards = 0  # counts block forwards over one batch (cost accounting)
+        self.weights = weights
+        self.compute_dtype = compute_dtype
 
     @property
     def num_blocks(self) -> int:
@@ -122,7 +144,7 @@ class BlockRunner:
                 else:
                     h, rest, in_kw = kwargs.pop("hidden_states"), (), True
                 if index == 0:
-                    hidden.append(h.detach().to(self.storage))
+                    hidden.append(_to(h.detach(), self.storage, self.compute_dtype))
                 current.append(BlockCall(args=rest, kwargs=dict(kwargs), hidden_in_kwargs=in_kw))
                 if index == len(blocks) - 1:
                     raise _StopForward
@@ -147,17 +169,30 @@ class BlockRunner:
 
     # ------------------------------------------------------------------ forwards
     @contextlib.contextmanager
-    def on_device(self, index: int) -> Iterator[nn.Module]:
-        """Move block ``index`` to the compute device for the duration of the context."""
+    def holding(self, index: int) -> Iterator[nn.Module]:
+        """Block ``index`` with real weights (read from the checkpoint when streaming)."""
         block = self.arch.blocks[index]
-        home = next(block.parameters()).device
-        if home != self.device:
-            block.to(self.device)
-        try:
+        if self.weights is None:
             yield block
-        finally:
-            if home != self.device:
-                block.to(home)
+            return
+        with self.weights.block(index):
+            yield block
+
+    @contextlib.contextmanager
+    def on_device(self, index: int) -> Iterator[nn.Module]:
+        """Move block ``index`` to the compute device (and dtype) for the context."""
+        with self.holding(index) as block:
+            first = next(block.parameters())
+            home, home_dtype = first.device, first.dtype
+            dtype = self.compute_dtype or home_dtype
+            moved = home != self.device or dtype != home_dtype
+            if moved:
+                block.to(self.device, dtype)
+            try:
+                yield block
+            finally:
+                if moved:
+                    block.to(home, home_dtype)
 
     @torch.no_grad()
     def forward_block(
@@ -165,7 +200,8 @@ class BlockRunner:
     ) -> torch.Tensor:
         """Run block ``index`` on one batch of hidden states; returns on the storage device."""
         block = block if block is not None else self.arch.blocks[index]
-        out = call.invoke(block, hidden.to(self.device), self.device)
+        out = call.invoke(block, _to(hidden, self.device, self.compute_dtype), self.device,
+                          self.compute_dtype)
         self.block_forwards += hidden.shape[0]
         return out.to(self.storage)
 

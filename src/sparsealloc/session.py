@@ -6,9 +6,12 @@ dense statistics (OWL), spectra (AlphaPruning), absorption coefficients, dense w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
+import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,15 +20,29 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from torch import nn
 
 from .blockwise import PruneReport, check_patterns, prune_sequential
 from .cache import cache_root
 from .data.corpora import Corpus, calibration_windows, eval_windows, load_corpus, tokenize
 from .errors import UserError
+from .evaluation.blockwise import blockwise_window_nlls, on, summarise
 from .evaluation.perplexity import perplexity
 from .io import read_json, write_json
+from .memory import STREAM_SHARE, available_bytes, check_fits, choose_stream, streamed_need
 from .models.arch import discover, in_features, weight_out_in
-from .models.load import load_model
+from .models.experts import fused_layout
+from .models.load import (
+    LoadedModel,
+    as_dtype,
+    checkpoint_folder,
+    load_model,
+    load_offloaded,
+    load_skeleton,
+)
+from .models.load import save_model as save_in_memory
+from .models.shards import save_streamed
+from .models.stream import Checkpoint, StreamedWeights
 from .probe.coefficients import absorption_coefficients
 from .protocol import Protocol
 from .pruners import Pruner, get_pruner
@@ -53,17 +70,25 @@ class Session:
     """One model under one protocol."""
 
     def __init__(self, model: str, protocol: Protocol, progress: bool = True,
-                 keep_dense: bool = True) -> None:
+                 keep_dense: bool = True, scratch_near: str | Path | None = None) -> None:
         self.spec = model
         self.protocol = protocol
         self.progress = progress
         self.timings: dict[str, float] = {}
+        self.weights: StreamedWeights | None = None
+        self._stream = False
         with self.timed("load"):
-            loaded = load_model(model, device="cpu")
+            loaded = self._load(model, protocol, scratch_near)
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.source = loaded.source
+        self.storage_dtype: torch.dtype = next(self.model.parameters()).dtype
+        self.compute_dtype = self._compute_dtype(protocol)
+        self.source["compute_dtype"] = str(self.compute_dtype).removeprefix("torch.")
         self.arch = discover(self.model)
+        if self._stream:
+            self._start_streaming(scratch_near)
+        self.source["streamed"] = self.streaming
         config = self.model.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         note = protocol.check_positions(getattr(text_config, "max_position_embeddings", None),
@@ -71,17 +96,152 @@ class Session:
         if note is not None:
             print(f"warning: {note}", file=sys.stderr, flush=True)
         self.runner = BlockRunner(self.model, device=protocol.device, progress=progress,
-                                  arch=self.arch)
+                                  arch=self.arch, weights=self.weights,
+                                  compute_dtype=self.compute_dtype)
         # A copy of the dense prunable weights, taken the first time a prune needs it (the
         # model is still dense then). keep_dense=False (one prune, nothing after it) skips the
         # copy and halves the weights' memory; restoring after a prune then fails loudly.
         self.keep_dense = keep_dense
         self._dense: dict[tuple[int, str], torch.Tensor] | None = None
-        self.modified = False
+        self._modified = False
         self._captured: Activations | None = None
         self.data_sources: dict[str, dict] = {}
         self.cache: dict[str, object] = {}
         self.counters: dict[str, int] = {}
+
+    # ---------------------------------------------------------------- loading
+    def _load(self, spec: str, protocol: Protocol, scratch_near: str | Path | None
+              ) -> LoadedModel:
+        """Load in memory, or (streaming) a meta skeleton whose blocks are read one at a time.
+
+        Streaming is chosen by :func:`~sparsealloc.memory.choose_stream` from the checkpoint's
+        size; a streamed run that cannot fit stops here, before any weight is read.
+        """
+        dtype = as_dtype(protocol.dtype)
+        folder = checkpoint_folder(spec) if protocol.stream != "off" else None
+        if folder is None:
+            if protocol.stream == "on":
+                raise UserError(f"--stream needs the model's safetensors files; {spec} has none "
+                                "(a .gguf, or a hub id not in the local cache): run without "
+                                "--stream")
+            return load_model(spec, dtype=dtype, device="cpu")
+        checkpoint = Checkpoint(folder)
+        storage = checkpoint.dtype() if dtype == "auto" else dtype
+        available = available_bytes()
+        if not choose_stream(protocol.stream, checkpoint.nbytes(storage), available):
+            return load_model(spec, dtype=dtype, device="cpu")
+        loaded = load_skeleton(spec, folder, storage)
+        if any(fused_layout(m) is not None for m in loaded.model.modules()):
+            raise UserError(f"{spec} is a mixture-of-experts model: streaming does not support "
+                            "MoE yet; run with --no-stream")
+        self._checkpoint = checkpoint
+        self._available = available
+        self._stream = True  # StreamedWeights made once the blocks are discovered
+        return loaded
+
+    def _start_streaming(self, scratch_near: str | Path | None) -> None:
+        if any(self.arch.expert_lists):
+            raise UserError(f"{self.spec} is a mixture-of-experts model: streaming does not "
+                            "support MoE yet; run with --no-stream")
+        base = Path(scratch_near).expanduser().resolve().parent if scratch_near else \
+            cache_root() / "scratch"
+        base.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".sparsealloc-stream.", dir=base))
+        self.weights = StreamedWeights(self.model, self.arch.blocks_attr, self.arch.num_blocks,
+                                       self._checkpoint, self.storage_dtype, scratch)
+        weakref.finalize(self, self.weights.close)
+        self._check_memory()
+
+    def _check_memory(self) -> None:
+        """Refuse (one line, exit 2) a streamed run whose working set cannot fit."""
+        assert self.weights is not None
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        hidden = int(getattr(text, "hidden_size", 0) or 0)
+        p = self.protocol
+        block = max(self.weights.block_size)
+        outside = max((s.shape.numel() for s in self.weights.outside_slots), default=0)
+        need = streamed_need(p.nsamples, p.seqlen, hidden, self.compute_dtype.itemsize,
+                             block * self.storage_dtype.itemsize,
+                             block * self.compute_dtype.itemsize,
+                             outside * self.storage_dtype.itemsize)
+        check_fits(need, self._available, p.nsamples)
+
+    def _compute_dtype(self, protocol: Protocol) -> torch.dtype:
+        """--compute-dtype, or auto: float32 on CPU, the storage dtype on CUDA."""
+        if protocol.compute_dtype != "auto":
+            dtype = as_dtype(protocol.compute_dtype)
+            assert isinstance(dtype, torch.dtype)
+            return dtype
+        return torch.float32 if protocol.device == "cpu" else self.storage_dtype
+
+    @property
+    def streaming(self) -> bool:
+        return self.weights is not None
+
+    @property
+    def modified(self) -> bool:
+        """True once a prune changed the model (streaming: pruned blocks go to the overlay)."""
+        return self._modified
+
+    @modified.setter
+    def modified(self, value: bool) -> None:
+        self._modified = value
+        if self.weights is not None:
+            self.weights.keep_changes = value
+
+    @contextmanager
+    def outside_weights(self) -> Iterator[None]:
+        """Embeddings, final norm and lm_head are real inside (streaming reads them)."""
+        with self.weights.outside() if self.weights is not None else contextlib.nullcontext():
+            yield
+
+    @contextmanager
+    def head(self) -> Iterator[nn.Module]:
+        """The lm_head and final norm, real, in the compute dtype, where hidden states are kept."""
+        parts = [m for m in (self.arch.final_norm, self.model.get_output_embeddings())
+                 if m is not None]
+        with self.outside_weights(), on(parts, self.runner.storage, self.compute_dtype):
+            yield self.model.get_output_embeddings()
+
+    def hold(self, index: int) -> contextlib.AbstractContextManager:
+        """Block ``index``'s weights are real inside (for measurements over all blocks)."""
+        return self.runner.holding(index)
+
+    def save(self, out: str | Path, overwrite: bool = False) -> Path:
+        """Save the model in its storage dtype (streaming: shard by shard)."""
+        if self.weights is not None:
+            return save_streamed(self.weights, self.model.config, self.tokenizer, out,
+                                 overwrite=overwrite)
+        return save_in_memory(self.model, self.tokenizer, out, overwrite=overwrite)
+
+    def check_tasks(self, tasks: list[str]) -> None:
+        """Before a streamed prune: zero-shot tasks cannot run on the pruned blocks' overlay."""
+        if tasks and self.weights is not None:
+            raise UserError("zero-shot --tasks after a streamed prune are not supported: prune "
+                            "with --save DIR, then run sparsealloc eval --model DIR --tasks ...")
+
+    @contextmanager
+    def zeroshot_model(self) -> Iterator[nn.Module]:
+        """The model for lm-eval: in memory on the device, or (streaming, dense checkpoint)
+        loaded by accelerate with CPU / disk offload -- slow but it runs."""
+        if self.weights is None:
+            self.model.to(self.protocol.device)
+            try:
+                yield self.model
+            finally:
+                self.model.to("cpu")
+            return
+        if self.modified:
+            raise UserError("zero-shot evaluation of a streamed, pruned model: save it with "
+                            "--save DIR and run sparsealloc eval --model DIR --tasks ...")
+        model = load_offloaded(self.weights.checkpoint.folder, self.storage_dtype,
+                               self.protocol.device, int(STREAM_SHARE * self._available),
+                               self.weights.scratch / "offload")
+        try:
+            yield model
+        finally:
+            del model
 
     # ---------------------------------------------------------------- helpers
     @contextmanager
@@ -123,7 +283,13 @@ class Session:
         return self.arch.params_per_block()
 
     def restore_dense(self) -> None:
-        """Put the dense weights back into every prunable layer (before each prune)."""
+        """Put the dense weights back into every prunable layer (before each prune).
+
+        Streaming: forget the pruned blocks; the next reads come from the checkpoint."""
+        if self.weights is not None:
+            self.weights.clear_overlay()
+            self.modified = False
+            return
         if self._dense is None:
             if self.modified:
                 raise RuntimeError("the dense weights were not kept (Session(keep_dense=False)) "
@@ -141,12 +307,22 @@ class Session:
         self.modified = False
 
     def dense_weights(self, index: int) -> dict[str, torch.Tensor]:
-        """Block ``index``'s dense weights (the kept copy, or the model's own before pruning)."""
+        """Block ``index``'s dense weights (the kept copy, or the model's own before pruning;
+        streaming: read from the checkpoint). Half-precision weights come as float32."""
+        if self.weights is not None:
+            tensors = self.weights.block_tensors(index, dense=True)
+            prefix = f"{self.arch.blocks_attr}.{index}."
+            out = {}
+            for n, m in self.arch.linears(index).items():
+                w = tensors[prefix + n + ".weight"].to(self.storage_dtype)
+                out[n] = _as_float(w if isinstance(m, nn.Linear) else w.t())
+            return out
         if self._dense is not None:
-            return {n: self._dense[(index, n)] for n in self.arch.linear_names[index]}
+            return {n: _as_float(self._dense[(index, n)])
+                    for n in self.arch.linear_names[index]}
         if self.modified:
             raise RuntimeError("the dense weights were not kept and the model has been pruned")
-        return {n: weight_out_in(m) for n, m in self.arch.linears(index).items()}
+        return {n: _as_float(weight_out_in(m)) for n, m in self.arch.linears(index).items()}
 
     # ---------------------------------------------------------------- shared statistics
     def memo(self, key: str, compute: Callable[[], T], counter: str | None = None) -> T:
@@ -269,7 +445,7 @@ class Session:
     def capture(self) -> Activations:
         """Embedded calibration batches (computed once; a fresh copy per call)."""
         if self._captured is None:
-            with self.timed("embed"):
+            with self.timed("embed"), self.outside_weights():
                 self._captured = self.runner.capture(self.calibration_ids,
                                                      self.protocol.batch_size)
         return self._captured.clone()
@@ -295,18 +471,34 @@ class Session:
                                            self.protocol.eval_tokens, self.window_bos)
         return self.cache[key]
 
+    def window_perplexity(self, windows: torch.Tensor, desc: str = "perplexity") -> dict:
+        """Perplexity of ``windows``: block by block when streaming or when blocks compute in
+        another dtype than the weights are stored in; else the whole model at once."""
+        if self.weights is None and self.compute_dtype == self.storage_dtype:
+            self.model.to(self.protocol.device)
+            try:
+                return perplexity(self.model, windows, self.protocol.device,
+                                  progress=self.progress, desc=desc)
+            finally:
+                self.model.to("cpu")
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        cap = getattr(config, "final_logit_softcapping", None)
+        nll = blockwise_window_nlls(
+            self.runner, windows, self.arch.final_norm, self.model.get_output_embeddings(),
+            softcap=float(cap) if cap else None, outside=self.outside_weights,
+            hidden_size=getattr(text, "hidden_size", None))
+        return summarise(nll, windows)
+
     def perplexity(self, corpora: list[str], split: str = "eval",
                    stage: str = "eval_ppl") -> dict[str, dict]:
         """Perplexity of the model as it is now on each corpus (``split``: the role, see
-        :func:`sparsealloc.data.corpora.load_corpus`)."""
-        out = {}
-        self.model.to(self.protocol.device)
-        try:
-            with self.timed(stage):
-                for name in corpora:
-                    out[name] = perplexity(self.model, self.eval_ids(name, split),
-                                           self.protocol.device, progress=self.progress,
-                                           desc=f"ppl {name}")
-        finally:
-            self.model.to("cpu")
-        return out
+        :func:`sparsealloc.data.corpora.load_corpus`); block by block when streaming."""
+        with self.timed(stage):
+            return {name: self.window_perplexity(self.eval_ids(name, split), f"ppl {name}")
+                    for name in corpora}
+
+
+def _as_float(w: torch.Tensor) -> torch.Tensor:
+    """Statistics accumulate in float32 at least: half-precision weights are widened."""
+    return w.float() if w.dtype in (torch.float16, torch.bfloat16) else w

@@ -59,14 +59,10 @@ class ZeroShot(Evaluation):
         return bool(request.tasks)
 
     def run(self, session: Any, request: EvalRequest) -> dict:
-        with session.timed("eval_zeroshot"):
-            session.model.to(session.protocol.device)
-            try:
-                return evaluate_zeroshot(session.model, session.tokenizer, request.tasks,
-                                         limit=request.limit, batch_size=request.batch_size,
-                                         progress=session.progress)
-            finally:
-                session.model.to("cpu")
+        with session.timed("eval_zeroshot"), session.zeroshot_model() as model:
+            return evaluate_zeroshot(model, session.tokenizer, request.tasks,
+                                     limit=request.limit, batch_size=request.batch_size,
+                                     progress=session.progress)
 
 
 def evaluate(session: Any, request: EvalRequest) -> dict:

@@ -18,7 +18,7 @@ def run_eval(model: str, protocol: Protocol, request: EvalRequest,
     session = Session(model, protocol, progress=progress, keep_dense=False)
     run_dir = start_run_dir(out, "eval")
     record = base_record(session)
-    measured = measured_sparsity(session.arch)
+    measured = measured_sparsity(session.arch, session.hold)
     record["measured_sparsity"] = measured["overall"]
     record["block_weight_sparsity"] = measured["block_weights"]
     record.update(evaluate(session, request))

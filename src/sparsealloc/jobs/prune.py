@@ -8,7 +8,6 @@ from ..allocation import Allocation
 from ..allocation.correction import is_auto
 from ..blockwise import measured_sparsity, nonfinite_blocks
 from ..evaluation.registry import evaluate
-from ..models.load import save_model
 from ..outputs import check_save_target, start_run_dir
 from ..plan import compute_allocation
 from ..protocol import EvalRequest, Protocol
@@ -37,7 +36,7 @@ def prune_row(session: Session, row: RowSpec, alloc: Allocation) -> dict:
     """Prune the session's model (from its dense weights) with ``alloc``; return the record."""
     done = session.prune(row.pruner, row.pattern_text, alloc.block_sparsity,
                          alloc.target_sparsity, alloc.spec, alloc.expert_sparsity)
-    measured = measured_sparsity(session.arch)
+    measured = measured_sparsity(session.arch, session.hold)
     experts = done.report.record(session.arch)
     if experts["experts_without_tokens"]:
         warn(f"{experts['experts_without_tokens']} expert(s) received no calibration token and "
@@ -52,7 +51,7 @@ def prune_row(session: Session, row: RowSpec, alloc: Allocation) -> dict:
         "measured_sparsity": measured["overall"],
         "measured_block_sparsity": measured["per_block"],
         "block_weight_sparsity": measured["block_weights"],
-        "nonfinite_blocks": nonfinite_blocks(session.arch),
+        "nonfinite_blocks": nonfinite_blocks(session.arch, session.hold),
         "prune_seconds": done.seconds,
     }
     if row.pattern.is_nm:  # what the levels could honour of the allocation
@@ -85,7 +84,9 @@ def run_prune(model: str, protocol: Protocol, row: RowSpec, request: EvalRequest
     if save is not None:
         check_save_target(save, overwrite)
     if session is None:  # one prune: no dense copy unless the allocation prunes repeatedly
-        session = Session(model, protocol, progress=progress, keep_dense=needs_dense_copy(row))
+        session = Session(model, protocol, progress=progress, keep_dense=needs_dense_copy(row),
+                          scratch_near=save)
+    session.check_tasks(request.tasks)
     check_against_model(session, [row])
     run_dir = start_run_dir(out, "prune")
     alloc = allocate_row(session, row)
@@ -95,7 +96,7 @@ def run_prune(model: str, protocol: Protocol, row: RowSpec, request: EvalRequest
     why = mark_status(record)
     if save is not None and why is None:
         with session.timed("save"):
-            save_model(session.model, session.tokenizer, save, overwrite=overwrite)
+            session.save(save, overwrite=overwrite)
         record["saved_to"] = str(Path(save).expanduser().resolve())
     finish(session, record, run_dir)
     if why is not None:

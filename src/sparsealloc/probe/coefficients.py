@@ -28,10 +28,12 @@ def _logit_softcap(model) -> float | None:
 def run_probe(session: Any, config: ProbeConfig) -> dict:
     """Run the probe on the session's dense model and calibration data."""
     session.restore_dense()
-    probe = Probe(session.runner, config, lm_head=session.model.get_output_embeddings(),
-                  logit_softcap=_logit_softcap(session.model), progress=session.progress)
-    with session.timed("probe"):
-        result = probe.run(session.capture())
+    acts = session.capture()
+    with session.head() as lm_head:  # streaming: lm_head and final norm read for the probe
+        probe = Probe(session.runner, config, lm_head=lm_head,
+                      logit_softcap=_logit_softcap(session.model), progress=session.progress)
+        with session.timed("probe"):
+            result = probe.run(acts)
     p = session.protocol
     result["protocol"] = {"seqlen": p.seqlen, "calib": p.calib, "seed": p.seed,
                           "sequences": min(config.nsamples, p.nsamples),
