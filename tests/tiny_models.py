@@ -63,12 +63,14 @@ def _cfgs() -> dict:
 ARCHS = list(_cfgs())
 
 
-def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+def _build(cfg, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    cfg = _cfgs()[arch]
     cfg.use_cache = False
-    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    return model.eval()
+    return tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+
+
+def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    return _build(_cfgs()[arch], seed).eval()
 
 
 def random_ids(n: int = 3, seqlen: int = 16, seed: int = 0) -> torch.Tensor:
@@ -146,10 +148,7 @@ MOE_ARCHS = list(_moe_cfgs())
 
 def tiny_moe(arch: str, seed: int = 0) -> torch.nn.Module:
     """A tiny random mixture-of-experts model (fused experts, as transformers stores them)."""
-    torch.manual_seed(seed)
-    cfg = _moe_cfgs()[arch]
-    cfg.use_cache = False
-    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    model = _build(_moe_cfgs()[arch], seed)
     for module in model.modules():  # zero-initialised routers would route ties arbitrarily
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.nn.Parameter) and weight.dim() == 2 and not any(

@@ -26,8 +26,8 @@ from .blockwise import PruneReport, check_patterns, prune_sequential
 from .cache import cache_root
 from .data.corpora import Corpus, calibration_windows, eval_windows, load_corpus, tokenize
 from .errors import UserError
-from .evaluation.blockwise import blockwise_window_nlls, on, summarise
-from .evaluation.perplexity import perplexity
+from .evaluation.blockwise import blockwise_window_nlls, on
+from .evaluation.perplexity import perplexity, perplexity_record
 from .io import read_json, write_json
 from .memory import STREAM_SHARE, available_bytes, check_fits, choose_stream, streamed_need
 from .models.arch import discover, in_features, weight_out_in
@@ -488,7 +488,7 @@ class Session:
             self.runner, windows, self.arch.final_norm, self.model.get_output_embeddings(),
             softcap=float(cap) if cap else None, outside=self.outside_weights,
             hidden_size=getattr(text, "hidden_size", None))
-        return summarise(nll, windows)
+        return perplexity_record(nll, windows)
 
     def perplexity(self, corpora: list[str], split: str = "eval",
                    stage: str = "eval_ppl") -> dict[str, dict]:

@@ -11,7 +11,6 @@ vocabulary chunks (within float32 rounding of it).
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -111,14 +110,3 @@ def blockwise_window_nlls(
                 out.append(head_nlls(h.to(runner.device), batch, final_norm, lm_head, softcap,
                                      logits_bytes))
     return torch.cat(out)
-
-
-def summarise(nll: Tensor, windows: Tensor) -> dict:
-    """The perplexity record of :func:`.perplexity.perplexity` from window NLLs."""
-    mean = float(nll.mean())
-    return {
-        "ppl": math.exp(mean) if mean < 700 else float("inf"),
-        "mean_nll": mean,
-        "windows": int(windows.shape[0]),
-        "tokens": int(windows.numel()),
-    }

@@ -50,7 +50,12 @@ def perplexity(
     desc: str = "perplexity",
 ) -> dict:
     """Perplexity over ``windows`` (N, seqlen) plus the numbers behind it."""
-    nll = window_nlls(model, windows, device, batch_size, progress, desc)
+    return perplexity_record(window_nlls(model, windows, device, batch_size, progress, desc),
+                             windows)
+
+
+def perplexity_record(nll: torch.Tensor, windows: torch.Tensor) -> dict:
+    """The perplexity record (exp of the mean window NLL, and the numbers behind it)."""
     mean = float(nll.mean())
     return {
         "ppl": math.exp(mean) if mean < 700 else float("inf"),
