@@ -14,6 +14,21 @@ EXPECTED_LINEARS = {
 }
 
 
+def _block_outputs(model, ids, runner) -> list[torch.Tensor]:
+    """Every block's own output in the model's forward over ``ids`` (forward hooks)."""
+    ref: list[torch.Tensor] = []
+
+    def keep(_module, _inputs, output):
+        ref.append((output if isinstance(output, torch.Tensor) else output[0]).detach())
+
+    handles = [b.register_forward_hook(keep) for b in runner.arch.blocks]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in handles:
+        h.remove()
+    return ref
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_discover_blocks_and_linears(arch):
     model = tiny_model(arch)
@@ -34,16 +49,7 @@ def test_runner_reproduces_model_hidden_states(arch):
     model = tiny_model(arch)
     ids = random_ids()
     runner = BlockRunner(model, progress=False)
-    ref: list[torch.Tensor] = []  # every block's own output in the model's forward
-
-    def keep(_module, _inputs, output):
-        ref.append((output if isinstance(output, torch.Tensor) else output[0]).detach())
-
-    handles = [b.register_forward_hook(keep) for b in runner.arch.blocks]
-    with torch.no_grad():
-        model(input_ids=ids, use_cache=False)
-    for h in handles:
-        h.remove()
+    ref = _block_outputs(model, ids, runner)
     acts = runner.capture(ids, batch_size=2)
     assert len(acts.hidden) == 2 and acts.hidden[0].shape[0] == 2
     for _ in runner.sequential(acts):
@@ -58,16 +64,7 @@ def test_runner_matches_every_block_output():
         model = tiny_model(arch)
         ids = random_ids()
         runner = BlockRunner(model, progress=False)
-        ref: list[torch.Tensor] = []
-
-        def keep(_m, _i, o, ref=ref):
-            ref.append((o if isinstance(o, torch.Tensor) else o[0]).detach())
-
-        handles = [b.register_forward_hook(keep) for b in runner.arch.blocks]
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-        for h in handles:
-            h.remove()
+        ref = _block_outputs(model, ids, runner)
         acts = runner.capture(ids, batch_size=ids.shape[0])
         seen = 0
         for index in runner.sequential(acts):

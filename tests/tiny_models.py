@@ -98,9 +98,10 @@ SAMPLE_TEXT = (
 ) * 40
 
 
-def save_tiny(tmp_path, arch: str = "llama", seed: int = 0):
-    """Save a tiny model + tokenizer folder and a text file; return (model_dir, text_file)."""
-    model = tiny_model(arch, seed)
+def save_tiny(tmp_path, arch: str = "llama", seed: int = 0, model=None):
+    """Save a tiny model (``model``, or ``tiny_model(arch, seed)``) + tokenizer folder and a text
+    file; return (model_dir, text_file)."""
+    model = model if model is not None else tiny_model(arch, seed)
     folder = tmp_path / f"tiny-{arch}"
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
@@ -159,10 +160,4 @@ def tiny_moe(arch: str, seed: int = 0) -> torch.nn.Module:
 
 def save_tiny_moe(tmp_path, arch: str = "mixtral", seed: int = 0):
     """Save a tiny MoE model + tokenizer folder and a text file; return (model_dir, text_file)."""
-    model = tiny_moe(arch, seed)
-    folder = tmp_path / f"tiny-{arch}"
-    model.save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    text = tmp_path / "text.txt"
-    text.write_text(SAMPLE_TEXT)
-    return folder, text
+    return save_tiny(tmp_path, arch, seed, model=tiny_moe(arch, seed))

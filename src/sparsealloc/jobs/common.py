@@ -21,7 +21,6 @@ from ..errors import UserError
 from ..io import write_json
 from ..outputs import check_out_dir
 from ..protocol import EvalRequest, Protocol
-from ..pruners.nm_levels import check_levels_meet, nm_levels
 from ..rows import RowSpec
 from ..session import Session
 
@@ -65,10 +64,8 @@ def check_against_model(session: Session, rows: list[RowSpec]) -> None:
         if row.spec.name != "file":
             continue
         s = file_allocation(row.spec.path, session.arch.num_blocks).tolist()
-        if row.pattern.is_nm and not row.spec.absorb:
-            m, target = row.pattern.m, row.pattern.nm_sparsity
-            levels = nm_levels(s, m, session.params_per_block, target=target)
-            check_levels_meet(levels, m, target, session.params_per_block, row.allocation)
+        if row.pattern.is_nm and not row.spec.absorb:  # the levels the prune would use
+            session.block_patterns(row.pattern, s, row.pattern.nm_sparsity, row.allocation)
 
 
 def divergence(record: dict) -> str | None:
