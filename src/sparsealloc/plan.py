@@ -14,7 +14,7 @@ from .allocation.correction import apply_correction
 from .allocation.experts import expert_split
 from .allocation.options import Allocation
 from .allocation.owl import outlier_ratio
-from .allocation.registry import get_allocator, key_of
+from .allocation.registry import get_allocator
 from .errors import check
 from .frontier import search_allocation
 from .pruners.wanda import wanda_scores
@@ -83,4 +83,4 @@ def expert_owl_split(session: Session, block_sparsity: list[float],
     return out
 
 
-__all__ = ["Allocation", "AllocationOptions", "compute_allocation", "key_of"]
+__all__ = ["Allocation", "AllocationOptions", "compute_allocation"]
