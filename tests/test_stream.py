@@ -7,6 +7,7 @@ import torch
 from tiny_models import save_tiny
 
 from sparsealloc.allocation import AllocationOptions
+from sparsealloc.blockwise import measured_sparsity
 from sparsealloc.evaluation.blockwise import blockwise_window_nlls
 from sparsealloc.evaluation.perplexity import window_nlls
 from sparsealloc.jobs.prune import prune_row
@@ -19,7 +20,6 @@ from sparsealloc.rows import RowSpec
 from sparsealloc.session import Session
 
 ARCHS = ["llama", "gemma3", "qwen2"]
-
 
 
 def _prune(session, pruner):
@@ -53,7 +53,13 @@ def test_streamed_prune_matches_in_memory(tmp_path, arch, pruner):
     mem, streamed, text = _pair(tmp_path, arch)
     for s in (mem, streamed):
         alloc = compute_allocation(s, "owl", 0.5, AllocationOptions())
+        loads = streamed.weights.block_loads
         s.record = prune_row(s, RowSpec.parse(pruner, "unstructured", 0.5, "uniform"), alloc)
+        if s is streamed:  # the record's zero counts come from the prune: one read per block
+            assert streamed.weights.block_loads - loads == s.arch.num_blocks
+        after = measured_sparsity(s.arch, s.hold)  # counted again, afterwards
+        assert s.record["measured_block_sparsity"] == after["per_block"]
+        assert s.record["block_weight_sparsity"] == after["block_weights"]
         s.ppl = s.perplexity([str(text)])[str(text)]
     assert mem.record["block_sparsity"] == streamed.record["block_sparsity"]
     assert mem.record["measured_block_sparsity"] == streamed.record["measured_block_sparsity"]

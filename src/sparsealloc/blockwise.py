@@ -155,6 +155,63 @@ def prune_block(
     return report
 
 
+Hold = Callable[[int], AbstractContextManager]
+
+
+def _no_hold(_index: int) -> AbstractContextManager:
+    return nullcontext()
+
+
+@dataclass(frozen=True)
+class BlockCensus:
+    """Zeros and finiteness of one block's weights, counted while the block is held."""
+
+    zeros: int
+    """zero weights in the prunable layers"""
+    total: int
+    """weights in the prunable layers"""
+    all_zeros: int
+    """zero weights over all >=2-D weights of the block"""
+    all_total: int
+    finite: bool
+    """no NaN or infinite weight in a prunable layer"""
+
+
+def block_census(arch: Architecture, index: int) -> BlockCensus:
+    """Count block ``index``'s zeros (its weights must be real: held when streaming)."""
+    zeros = total = 0
+    finite = True
+    for module in arch.linears(index).values():
+        w = weight_out_in(module)
+        zeros += int((w == 0).sum())
+        total += w.numel()
+        finite = finite and bool(torch.isfinite(w).all())
+    all_zeros = all_total = 0
+    for w in arch.block_weights(index).values():
+        all_zeros += int((w == 0).sum())
+        all_total += w.numel()
+    return BlockCensus(zeros, total, all_zeros, all_total, finite)
+
+
+def census(arch: Architecture, hold: Hold = _no_hold) -> list[BlockCensus]:
+    """Every block's census; ``hold(i)`` makes block i's weights real (``BlockRunner.holding``;
+    a streamed model reads each block from disk again: prefer the census the prune took)."""
+    out = []
+    for i in range(arch.num_blocks):
+        with hold(i):
+            out.append(block_census(arch, i))
+    return out
+
+
+def sparsity_record(counts: Sequence[BlockCensus]) -> dict:
+    """Share of zero weights over the pruned layers (overall and per block), and over all
+    >=2-D weights of the decoder blocks (``block_weights``: what the pruned layers leave out
+    counts as dense)."""
+    return {"overall": sum(c.zeros for c in counts) / sum(c.total for c in counts),
+            "per_block": [c.zeros / c.total for c in counts],
+            "block_weights": sum(c.all_zeros for c in counts) / sum(c.all_total for c in counts)}
+
+
 @dataclass
 class PruneReport:
     """Per run: the layers pruned by magnitude for want of tokens, and statistics memory."""
@@ -162,6 +219,8 @@ class PruneReport:
     no_token_layers: dict[int, list[str]] = field(default_factory=dict)
     passes: int = 0
     peak_stats_bytes: int = 0
+    census: list[BlockCensus] = field(default_factory=list)
+    """every block's census, taken right after it was pruned (while its weights were held)"""
 
     def add(self, index: int, block: BlockReport) -> None:
         if block.no_token_layers:
@@ -216,6 +275,7 @@ def prune_sequential(
         if p.is_nm or s > 0 or experts:
             report.add(index, prune_block(runner, index, acts, pruner, s, p, stats_budget,
                                           experts))
+        report.census.append(block_census(runner.arch, index))
 
     first = next(iter(runner.arch.linears(0).values()))  # a meta tensor when streaming: fine
     if pruner.make_stats(_as_linear(first)) is None:  # data-free (magnitude): no block passes
@@ -228,42 +288,11 @@ def prune_sequential(
     return report
 
 
-Hold = Callable[[int], AbstractContextManager]
-
-
-def _no_hold(_index: int) -> AbstractContextManager:
-    return nullcontext()
-
-
 def measured_sparsity(arch: Architecture, hold: Hold = _no_hold) -> dict:
-    """Share of zero weights over the pruned layers (overall and per block), and over all
-    >=2-D weights of the decoder blocks (``block_weights``: what the pruned layers leave out
-    counts as dense). ``hold(i)`` makes block i's weights real (``BlockRunner.holding``)."""
-    per_block, zeros_total, total = [], 0, 0
-    all_zeros = all_total = 0
-    for i in range(arch.num_blocks):
-        z = n = 0
-        with hold(i):
-            for module in arch.linears(i).values():
-                w = weight_out_in(module)
-                z += int((w == 0).sum())
-                n += w.numel()
-            for w in arch.block_weights(i).values():
-                all_zeros += int((w == 0).sum())
-                all_total += w.numel()
-        per_block.append(z / n)
-        zeros_total += z
-        total += n
-    return {"overall": zeros_total / total, "per_block": per_block,
-            "block_weights": all_zeros / all_total}
+    """:func:`sparsity_record` of the model as it is now."""
+    return sparsity_record(census(arch, hold))
 
 
-def nonfinite_blocks(arch: Architecture, hold: Hold = _no_hold) -> list[int]:
+def nonfinite_blocks(counts: Sequence[BlockCensus]) -> list[int]:
     """Blocks holding a NaN or infinite weight in a prunable layer (a diverged prune)."""
-    out = []
-    for i in range(arch.num_blocks):
-        with hold(i):
-            if any(not bool(torch.isfinite(weight_out_in(m)).all())
-                   for m in arch.linears(i).values()):
-                out.append(i)
-    return out
+    return [i for i, c in enumerate(counts) if not c.finite]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..allocation import Allocation
 from ..allocation.correction import is_auto
-from ..blockwise import measured_sparsity, nonfinite_blocks
+from ..blockwise import nonfinite_blocks, sparsity_record
 from ..evaluation.registry import evaluate
 from ..outputs import check_save_target, start_run_dir
 from ..plan import compute_allocation
@@ -36,7 +36,7 @@ def prune_row(session: Session, row: RowSpec, alloc: Allocation) -> dict:
     """Prune the session's model (from its dense weights) with ``alloc``; return the record."""
     done = session.prune(row.pruner, row.pattern_text, alloc.block_sparsity,
                          alloc.target_sparsity, alloc.spec, alloc.expert_sparsity)
-    measured = measured_sparsity(session.arch, session.hold)
+    measured = sparsity_record(done.report.census)  # counted while each block was held
     experts = done.report.record(session.arch)
     if experts["experts_without_tokens"]:
         warn(f"{experts['experts_without_tokens']} expert(s) received no calibration token and "
@@ -51,7 +51,7 @@ def prune_row(session: Session, row: RowSpec, alloc: Allocation) -> dict:
         "measured_sparsity": measured["overall"],
         "measured_block_sparsity": measured["per_block"],
         "block_weight_sparsity": measured["block_weights"],
-        "nonfinite_blocks": nonfinite_blocks(session.arch, session.hold),
+        "nonfinite_blocks": nonfinite_blocks(done.report.census),
         "prune_seconds": done.seconds,
     }
     if row.pattern.is_nm:  # what the levels could honour of the allocation

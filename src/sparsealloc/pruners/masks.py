@@ -158,6 +158,34 @@ def _check_2d(scores: Tensor) -> None:
         raise ValueError(f"scores must be 2-D (out_features, in_features), got {shape}")
 
 
+def _lowest_per_row(scores: Tensor, k: int) -> Tensor:
+    """In each row, mark the ``k`` lowest scores; among equal scores the lower column first.
+
+    The same mask as a stable sort's first ``k`` indices, found in linear time: the k-th
+    smallest value of each row (``kthvalue``), every score below it, then the lowest-index
+    scores equal to it until the row has ``k``. Rows holding NaN use the stable sort (NaN
+    orders last there).
+    """
+    rows, cols = scores.shape
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if k == 0:
+        return mask
+    if k >= cols:
+        return mask.fill_(True)
+    if bool(torch.isnan(scores).any()):
+        return mask.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], True)
+    kth = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    torch.lt(scores, kth, out=mask)
+    need = k - mask.sum(dim=1)  # >= 1: the k-th value itself is not below itself
+    row, col = torch.nonzero(scores == kth, as_tuple=True)  # row-major: columns ascending
+    counts = torch.bincount(row, minlength=rows)
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(row.numel(), device=scores.device) - first[row]
+    take = rank < need[row]
+    mask[row[take], col[take]] = True
+    return mask
+
+
 def unstructured_row_mask(scores: Tensor, sparsity: float) -> Tensor:
     """Per output row, mark the ``prune_count(cols, sparsity)`` lowest scores for pruning.
 
@@ -171,12 +199,7 @@ def unstructured_row_mask(scores: Tensor, sparsity: float) -> Tensor:
         Bool tensor of ``scores``' shape, ``True`` = prune.
     """
     _check_2d(scores)
-    k = prune_count(scores.shape[1], sparsity)
-    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    if k == 0:
-        return mask
-    order = torch.sort(scores, dim=1, stable=True).indices[:, :k]
-    return mask.scatter_(1, order, True)
+    return _lowest_per_row(scores, prune_count(scores.shape[1], sparsity))
 
 
 def unstructured_layer_mask(scores: Tensor, sparsity: float) -> Tensor:
@@ -194,10 +217,7 @@ def unstructured_layer_mask(scores: Tensor, sparsity: float) -> Tensor:
     """
     _check_2d(scores)
     k = prune_count(scores.numel(), sparsity)
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k:
-        mask[torch.sort(scores.reshape(-1), stable=True).indices[:k]] = True
-    return mask.view(scores.shape)
+    return _lowest_per_row(scores.reshape(1, -1), k).view(scores.shape)
 
 
 def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
