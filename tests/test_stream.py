@@ -1,5 +1,6 @@
 """Streaming weights, dtypes, block-sequential perplexity, the streaming save, memory refusal."""
 
+import gc
 import json
 
 import pytest
@@ -28,7 +29,8 @@ def _prune(session, pruner):
     return prune_row(session, row, compute_allocation(session, "uniform", 0.5))
 
 def _proto(text, **kw):
-    return Protocol(nsamples=2, seqlen=16, calib=str(text), eval_seqlen=16, **kw)
+    return Protocol(**{"nsamples": 2, "seqlen": 16, "calib": str(text), "eval_seqlen": 16,
+                       **kw})
 
 
 def _pair(tmp_path, arch, **kw):
@@ -198,3 +200,50 @@ def test_stream_refuses_moe_with_one_line(tmp_path):
     with pytest.raises(UserError, match="mixture-of-experts.*--no-stream") as exc:
         Session(str(folder), _proto(text, stream="on"), progress=False)
     assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("pruner", ["wanda", "sparsegpt"])
+def test_activations_on_disk_change_nothing(tmp_path, pruner):
+    from sparsealloc.runner import DiskHidden
+
+    folder, text = save_tiny(tmp_path, "llama")
+    runs = []
+    for offload in ("memory", "disk"):
+        s = Session(str(folder), _proto(text, stream="on", offload_activations=offload,
+                                        nsamples=4, batch_size=2), progress=False)
+        acts = s.capture()
+        assert isinstance(acts.hidden, DiskHidden) == (offload == "disk")
+        assert len(acts.hidden) == 2 and acts.hidden[-1].shape == (2, 16, 32)
+        coeffs = absorption_coefficients(s, mode="prune", nsamples=2, use_cache=False)
+        alloc = compute_allocation(s, "owl", 0.5, AllocationOptions())
+        rec = prune_row(s, RowSpec.parse(pruner, "unstructured", 0.5, "uniform"), alloc)
+        runs.append((s, coeffs, alloc.block_sparsity, rec["measured_block_sparsity"],
+                     s.perplexity([str(text)])[str(text)]["ppl"]))
+    (mem, *a), (disk, *b) = runs
+    assert a == b  # coefficients, allocation, sparsity and perplexity: identical
+    assert all(torch.equal(x, y) for x, y in zip(_masks(mem), _masks(disk), strict=True))
+    folder = disk.runner.offload
+    assert folder.is_dir() and len(list(folder.iterdir())) <= 3  # captured + at most 2 passes
+    del disk, runs, s
+    gc.collect()
+    assert not folder.exists()  # removed with the session
+
+
+def test_refusal_names_disk_offload_when_it_would_fit(tmp_path, monkeypatch, capsys):
+    from sparsealloc.errors import UserError
+
+    folder, text = save_tiny(tmp_path)
+    monkeypatch.setenv("SPARSEALLOC_MEMORY_LIMIT", "300KiB")
+    with pytest.raises(UserError, match="lower --nsamples to 13 or less, or --seqlen; or pass "
+                       "--offload-activations disk") as exc:
+        Session(str(folder), Protocol(nsamples=64, seqlen=64, calib=str(text), stream="on"),
+                progress=False)
+    assert "\n" not in str(exc.value)
+    Session(str(folder), Protocol(nsamples=64, seqlen=64, calib=str(text), stream="on",
+                                  offload_activations="disk"), progress=False)  # fits
+    with pytest.raises(UserError, match="lower --batch-size to 13 or less"):
+        Session(str(folder), Protocol(nsamples=64, seqlen=64, calib=str(text), stream="on",
+                                      offload_activations="disk", batch_size=64),
+                progress=False)
+    with pytest.raises(UserError, match="--offload-activations must be memory or disk"):
+        Protocol(offload_activations="ssd")

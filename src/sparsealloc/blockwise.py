@@ -140,7 +140,7 @@ def prune_block(
                                       sum(stats_nbytes(c.stats) for c in counted.values()))
         if counted:
             with collect_inputs({n: linears[n] for n in counted}, counted):
-                runner.run_block(index, acts)
+                runner.pass_block(index, acts)
             report.passes += 1
         for name in group:
             if name in counted and counted[name].tokens == 0:  # an expert no token chose

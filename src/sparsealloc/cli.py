@@ -63,6 +63,9 @@ ComputeDType = Annotated[str, typer.Option(help="dtype blocks compute in: auto (
 Stream = Annotated[bool | None, typer.Option(
     "--stream/--no-stream", help="read one decoder block's weights at a time from the "
     "checkpoint's safetensors (default: when the weights exceed half the available memory)")]
+OffloadActs = Annotated[str, typer.Option(
+    help="where calibration hidden states wait between blocks: memory, or disk (one batch in "
+    "memory at a time; for runs whose activations do not fit)")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
 Out = Annotated[Path | None, typer.Option(help="run folder (result file written last)")]
 Sparsity = Annotated[float, typer.Option(help="target mean sparsity in [0,1)")]
@@ -108,6 +111,7 @@ def protocol_options(
     device: Device = "cpu", bos_per_window: BosPerWindow = False,
     allow_long_seqlen: AllowLong = False, dtype: DType = "float32",
     compute_dtype: ComputeDType = "auto", stream: Stream = None,
+    offload_activations: OffloadActs = "memory",
 ):
     """The calibration and evaluation protocol (``Protocol``) of prune, allocate and compare."""
     return Protocol(nsamples=nsamples, seqlen=seqlen, seed=seed, calib=calib,
@@ -115,7 +119,8 @@ def protocol_options(
                     device=device, bos_per_window=bos_per_window,
                     allow_long_seqlen=allow_long_seqlen, dtype=dtype,
                     compute_dtype=compute_dtype,
-                    stream="auto" if stream is None else ("on" if stream else "off"))
+                    stream="auto" if stream is None else ("on" if stream else "off"),
+                    offload_activations=offload_activations)
 
 
 _GROUP_ORDER = ("owl", "alpha", "linear", "dlp", "lsa", "absorb", "expert", "search")

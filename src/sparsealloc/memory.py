@@ -71,20 +71,33 @@ class StreamedNeed:
 
 def streamed_need(nsamples: int, seqlen: int, hidden: int, compute_itemsize: int,
                   block_bytes: int, compute_block_bytes: int, outside_bytes: int) -> StreamedNeed:
-    """Calibration hidden states twice (a block's inputs and outputs), one block in storage and
-    compute dtype, the largest weights outside the blocks."""
+    """Calibration hidden states twice (a block's inputs and outputs) of ``nsamples`` sequences
+    (with ``--offload-activations disk``: of one batch), one block in storage and compute
+    dtype, the largest weights outside the blocks."""
     acts = 2 * nsamples * seqlen * hidden * compute_itemsize
     return StreamedNeed(acts, block_bytes + compute_block_bytes, outside_bytes)
 
 
-def check_fits(need: StreamedNeed, available: int, nsamples: int) -> None:
-    """Refuse, with one line, a run whose streamed working set exceeds the available memory."""
+def check_fits(need: StreamedNeed, available: int, sequences: int, option: str = "--nsamples",
+               offloaded: StreamedNeed | None = None) -> None:
+    """Refuse, with one line, a run whose streamed working set exceeds the available memory.
+
+    ``sequences``: the sequences whose activations ``need`` holds, set by ``option``
+    (``--nsamples``; ``--batch-size`` when the activations are offloaded to disk).
+    ``offloaded``: the same run's need with ``--offload-activations disk`` (None when the run
+    already offloads); named in the line when it would fit.
+    """
     if need.total <= available:
         return
-    per_sample = need.activations / max(nsamples, 1)
+    per_sample = need.activations / max(sequences, 1)
     room = available - need.block - need.outside
     fit = int(room // per_sample) if per_sample > 0 and room > 0 else 0
-    hint = (f"lower --nsamples to {fit} or less, or --seqlen" if fit >= 1
+    options = []
+    if fit >= 1:
+        options.append(f"lower {option} to {fit} or less, or --seqlen")
+    if offloaded is not None and offloaded.total <= available:
+        options.append(f"pass --offload-activations disk (then about {gib(offloaded.total)})")
+    hint = ("; or ".join(options) if options
             else "one block and the embeddings alone exceed it: use a machine with more memory")
     raise UserError(
         f"this run needs about {gib(need.total)} even with streamed weights "

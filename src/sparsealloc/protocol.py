@@ -32,6 +32,7 @@ def check_device(device: str) -> str:
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 STREAM_MODES = ("auto", "on", "off")
+OFFLOAD_MODES = ("memory", "disk")
 
 
 @dataclass
@@ -59,6 +60,9 @@ class Protocol:
             dtype on CUDA). Statistics always accumulate in float32 or float64.
         stream: read one block's weights at a time from the checkpoint (``auto``: when the
             weights exceed a share of the available memory; see :mod:`sparsealloc.memory`).
+        offload_activations: where the calibration hidden states wait between blocks:
+            ``memory``, or ``disk`` (one file per batch; a pass holds one batch in memory).
+            Results are identical; disk is slower.
     """
 
     nsamples: int = 128
@@ -75,6 +79,7 @@ class Protocol:
     dtype: str = "float32"
     compute_dtype: str = "auto"
     stream: str = "auto"
+    offload_activations: str = "memory"
 
     def __post_init__(self) -> None:
         check(self.nsamples >= 1, f"--nsamples must be at least 1 (got {self.nsamples})")
@@ -94,6 +99,8 @@ class Protocol:
               f"{', '.join(DTYPES)} (got {self.compute_dtype!r})")
         check(self.stream in STREAM_MODES, f"stream must be one of {', '.join(STREAM_MODES)} "
               f"(got {self.stream!r})")
+        check(self.offload_activations in OFFLOAD_MODES, "--offload-activations must be "
+              f"memory or disk (got {self.offload_activations!r})")
 
     def check_positions(self, max_positions: int | None, model: str) -> str | None:
         """Refuse windows longer than the model's positions (a warning with allow_long_seqlen)."""

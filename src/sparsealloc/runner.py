@@ -22,11 +22,16 @@ architectures that give different blocks different masks or rotary tables
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import shutil
+import tempfile
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol, overload
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .models.arch import Architecture, discover
@@ -77,14 +82,63 @@ class WeightsProvider(Protocol):
     def block(self, index: int) -> contextlib.AbstractContextManager[None]: ...
 
 
+class DiskHidden(Sequence[torch.Tensor]):
+    """Hidden states on disk, one safetensors file per batch (``--offload-activations disk``).
+
+    Read back one batch at a time, so a pass over the blocks holds one batch's inputs and
+    outputs in memory instead of all of them. A store is written once (``append`` while it is
+    built) and never changed: a pass writes a new store (:meth:`refilled`). Its folder is
+    removed when the store is garbage-collected.
+    """
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.folder = Path(tempfile.mkdtemp(prefix="hidden.", dir=root))
+        self._count = 0
+        weakref.finalize(self, shutil.rmtree, self.folder, True)
+
+    def _path(self, index: int) -> Path:
+        return self.folder / f"{index:07d}.safetensors"
+
+    def append(self, tensor: torch.Tensor) -> None:
+        save_file({"hidden": tensor.detach().cpu().contiguous()}, str(self._path(self._count)))
+        self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> torch.Tensor: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[torch.Tensor]: ...
+    def __getitem__(self, index: int | slice) -> torch.Tensor | list[torch.Tensor]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(self._count)[index]]
+        if not -self._count <= index < self._count:
+            raise IndexError(f"batch {index} of {self._count}")
+        return load_file(str(self._path(index % self._count)))["hidden"]
+
+    def refilled(self, tensors: Iterable[torch.Tensor]) -> DiskHidden:
+        """A new store beside this one holding ``tensors`` (written as they come)."""
+        out = DiskHidden(self.folder.parent)
+        for t in tensors:
+            out.append(t)
+        return out
+
+
+Hidden = list[torch.Tensor] | DiskHidden
+
+
 @dataclass
 class Activations:
     """Hidden states entering the current block, one tensor per batch, and the block calls."""
 
-    hidden: list[torch.Tensor]
+    hidden: Hidden
     calls: list[list[BlockCall]] = field(default_factory=list)  # [batch][block]
 
     def clone(self) -> Activations:
+        if isinstance(self.hidden, DiskHidden):  # never changed in place: shared
+            return Activations(hidden=self.hidden, calls=self.calls)
         return Activations(hidden=[h.clone() for h in self.hidden], calls=self.calls)
 
 
@@ -98,6 +152,7 @@ class BlockRunner:
         progress: show progress bars.
         weights: streaming provider (None: the weights are in memory).
         compute_dtype: dtype blocks compute in (None: their own).
+        offload: folder for hidden states on disk (:class:`DiskHidden`; None: in memory).
     """
 
     def __init__(
@@ -109,6 +164,7 @@ class BlockRunner:
         arch: Architecture | None = None,
         weights: WeightsProvider | None = None,
         compute_dtype: torch.dtype | None = None,
+        offload: Path | None = None,
     ) -> None:
         self.model = model
         self.arch = arch or discover(model)
@@ -118,6 +174,7 @@ class BlockRunner:
         self.block_forwards = 0  # counts block forwards over one batch (cost accounting)
         self.weights = weights
         self.compute_dtype = compute_dtype
+        self.offload = offload
 
     @property
     def num_blocks(self) -> int:
@@ -133,7 +190,7 @@ class BlockRunner:
         """
         blocks = self.arch.blocks
         n = input_ids.shape[0]
-        hidden: list[torch.Tensor] = []
+        hidden: Hidden = DiskHidden(self.offload) if self.offload is not None else []
         calls: list[list[BlockCall]] = []
         current: list[BlockCall] = []
 
@@ -205,14 +262,30 @@ class BlockRunner:
         self.block_forwards += hidden.shape[0]
         return out.to(self.storage)
 
+    def _outputs(self, index: int, acts: Activations) -> Iterator[torch.Tensor]:
+        block = self.arch.blocks[index]
+        for h, calls in zip(acts.hidden, acts.calls, strict=True):
+            yield self.forward_block(index, h, calls[index], block)
+
     @torch.no_grad()
     def run_block(self, index: int, acts: Activations) -> list[torch.Tensor]:
         """Outputs of block ``index`` (already on device) for every batch of ``acts``."""
-        block = self.arch.blocks[index]
-        return [
-            self.forward_block(index, h, calls[index], block)
-            for h, calls in zip(acts.hidden, acts.calls, strict=True)
-        ]
+        return list(self._outputs(index, acts))
+
+    @torch.no_grad()
+    def pass_block(self, index: int, acts: Activations) -> None:
+        """Run block ``index`` over every batch and keep nothing (for the forward hooks that
+        collect statistics)."""
+        for _ in self._outputs(index, acts):
+            pass
+
+    @torch.no_grad()
+    def advance(self, index: int, acts: Activations) -> None:
+        """Replace ``acts``' hidden states by block ``index``'s outputs (on disk when they
+        were)."""
+        outputs = self._outputs(index, acts)
+        acts.hidden = (acts.hidden.refilled(outputs) if isinstance(acts.hidden, DiskHidden)
+                       else list(outputs))
 
     def sequential(self, acts: Activations, desc: str = "blocks") -> Iterator[int]:
         """Iterate over blocks in order; after the loop body, propagate ``acts`` through the block.
@@ -224,7 +297,7 @@ class BlockRunner:
         for index in progress_bar(range(self.num_blocks), desc=desc, enable=self.progress):
             with self.on_device(index):
                 yield index
-                acts.hidden = self.run_block(index, acts)
+                self.advance(index, acts)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import shutil
 import sys
 import tempfile
 import time
@@ -29,7 +30,14 @@ from .errors import UserError
 from .evaluation.blockwise import blockwise_window_nlls, on
 from .evaluation.perplexity import perplexity, perplexity_record
 from .io import read_json, write_json
-from .memory import STREAM_SHARE, available_bytes, check_fits, choose_stream, streamed_need
+from .memory import (
+    STREAM_SHARE,
+    StreamedNeed,
+    available_bytes,
+    check_fits,
+    choose_stream,
+    streamed_need,
+)
 from .models.arch import discover, in_features, weight_out_in
 from .models.experts import fused_layout
 from .models.load import (
@@ -53,6 +61,14 @@ from .runner import Activations, BlockRunner, collect_inputs
 from .stats.spectra import block_alphas
 
 T = TypeVar("T")
+
+
+def _scratch_dir(near: str | Path | None, prefix: str) -> Path:
+    """A new hidden folder beside ``near`` (the --save folder: same file system, so pruned
+    shards are hard-linked), else in the cache's scratch folder."""
+    base = Path(near).expanduser().resolve().parent if near else cache_root() / "scratch"
+    base.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
 
 
 @dataclass
@@ -95,9 +111,13 @@ class Session:
                                         self.model_id)
         if note is not None:
             print(f"warning: {note}", file=sys.stderr, flush=True)
+        offload = None
+        if protocol.offload_activations == "disk":
+            offload = _scratch_dir(scratch_near, ".sparsealloc-hidden.")
+            weakref.finalize(self, shutil.rmtree, offload, True)
         self.runner = BlockRunner(self.model, device=protocol.device, progress=progress,
                                   arch=self.arch, weights=self.weights,
-                                  compute_dtype=self.compute_dtype)
+                                  compute_dtype=self.compute_dtype, offload=offload)
         # A copy of the dense prunable weights, taken the first time a prune needs it (the
         # model is still dense then). keep_dense=False (one prune, nothing after it) skips the
         # copy and halves the weights' memory; restoring after a prune then fails loudly.
@@ -143,10 +163,7 @@ class Session:
         if any(self.arch.expert_lists):
             raise UserError(f"{self.spec} is a mixture-of-experts model: streaming does not "
                             "support MoE yet; run with --no-stream")
-        base = Path(scratch_near).expanduser().resolve().parent if scratch_near else \
-            cache_root() / "scratch"
-        base.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=".sparsealloc-stream.", dir=base))
+        scratch = _scratch_dir(scratch_near, ".sparsealloc-stream.")
         self.weights = StreamedWeights(self.model, self.arch.blocks_attr, self.arch.num_blocks,
                                        self._checkpoint, self.storage_dtype, scratch)
         weakref.finalize(self, self.weights.close)
@@ -161,11 +178,17 @@ class Session:
         p = self.protocol
         block = max(self.weights.block_size)
         outside = max((s.shape.numel() for s in self.weights.outside_slots), default=0)
-        need = streamed_need(p.nsamples, p.seqlen, hidden, self.compute_dtype.itemsize,
-                             block * self.storage_dtype.itemsize,
-                             block * self.compute_dtype.itemsize,
-                             outside * self.storage_dtype.itemsize)
-        check_fits(need, self._available, p.nsamples)
+        def need(sequences: int) -> StreamedNeed:
+            return streamed_need(sequences, p.seqlen, hidden, self.compute_dtype.itemsize,
+                                 block * self.storage_dtype.itemsize,
+                                 block * self.compute_dtype.itemsize,
+                                 outside * self.storage_dtype.itemsize)
+
+        held = min(p.batch_size, p.nsamples)  # on disk: one batch's inputs and outputs
+        if p.offload_activations == "disk":
+            check_fits(need(held), self._available, held, "--batch-size")
+        else:
+            check_fits(need(p.nsamples), self._available, p.nsamples, offloaded=need(held))
 
     def _compute_dtype(self, protocol: Protocol) -> torch.dtype:
         """--compute-dtype, or auto: float32 on CPU, the storage dtype on CUDA."""
@@ -374,7 +397,7 @@ class Session:
                     linears = self.arch.linears(index)
                     stats = {n: InputNormStats(in_features(m)) for n, m in linears.items()}
                     with collect_inputs(linears, stats):
-                        self.runner.run_block(index, acts)
+                        self.runner.pass_block(index, acts)
                     norms.append({n: st.scaler_row.clone() for n, st in stats.items()})
             return norms
 

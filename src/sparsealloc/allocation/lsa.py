@@ -161,7 +161,7 @@ def block_reconstruction_errors(session, block_size: int, ratio: float) -> list[
                 stats = {n: HessianStats(in_features(m), weight_out_in(m).device)
                          for n, m in linears.items()}
                 with collect_inputs(linears, stats):
-                    session.runner.run_block(index, acts)
+                    session.runner.pass_block(index, acts)
                 per_linear = []
                 for n, m in linears.items():
                     per_linear.append(lsa_reconstruction_error(weight_out_in(m), stats[n].H,

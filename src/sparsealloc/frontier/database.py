@@ -184,7 +184,7 @@ def build_database(db: LevelDatabase, runner: BlockRunner, acts: Callable[[], Ac
             dense = db.dense(index)
             stats = {n: pruner.make_stats(_proxy(dense[n][:1], runner.device)) for n in linears}
             with collect_inputs(linears, stats):
-                runner.run_block(index, state)
+                runner.pass_block(index, state)
             _prune_levels(db, index, missing[index], pruner, pattern, stats, runner.device)
         if index == last:
             break
