@@ -247,3 +247,25 @@ def test_refusal_names_disk_offload_when_it_would_fit(tmp_path, monkeypatch, cap
                 progress=False)
     with pytest.raises(UserError, match="--offload-activations must be memory or disk"):
         Protocol(offload_activations="ssd")
+
+
+def test_hub_cache_model_streams(tmp_path, monkeypatch):
+    """A hub id found in the local Hugging Face cache streams from its snapshot folder."""
+    import shutil
+
+    folder, text = save_tiny(tmp_path, "qwen2")
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--tiny-org--tiny-qwen2" / "snapshots" / ("0" * 40)
+    shutil.copytree(folder, snapshot)
+    (cache / "models--tiny-org--tiny-qwen2" / "refs").mkdir()
+    (cache / "models--tiny-org--tiny-qwen2" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    hub = Session("tiny-org/tiny-qwen2", _proto(text, stream="on"), progress=False)
+    local = Session(str(folder), _proto(text, stream="off"), progress=False)
+    assert hub.streaming and hub.weights.checkpoint.folder == snapshot
+    for s in (hub, local):
+        s.record = _prune(s, "wanda")
+    assert hub.record["measured_block_sparsity"] == local.record["measured_block_sparsity"]
+    assert all(torch.equal(a, b) for a, b in zip(_masks(hub), _masks(local), strict=True))
