@@ -432,7 +432,9 @@ def table(
     style: Annotated[str, typer.Option(help="grid: the paper's rows per (model, pruner, "
                      "sparsity) across all files; rows: one table per file, rows by label; "
                      "seeds: every row's mean ± sd over calibration seeds and its paired "
-                     "changes (vs uniform, +absorb vs base) with standard errors")] =
+                     "changes (vs uniform, +absorb vs base) with standard errors; frontier: "
+                     "seeds plus each row's L1 distance from the setting's search row and the "
+                     "Spearman of each correction's shift against search minus its base")] =
     "grid",
     mode: Annotated[str, typer.Option(help="grid: absorb_mode of the +absorb rows")] = "prune",
     final: Annotated[str, typer.Option(help="grid: absorb_final of the +absorb rows")] = "last",
@@ -442,13 +444,16 @@ def table(
         help="grid: only +absorb rows whose probe used this many sequences")] = None,
     all_settings: Annotated[bool, typer.Option(
         "--all", help="grid: also settings without a +absorb row (baselines only)")] = False,
+    plot: Annotated[Path | None, typer.Option(
+        help="frontier: also draw every setting's allocations to this PNG")] = None,
 ) -> None:
     """Markdown tables from result files: rows are picked by their recorded options."""
     variant = {"absorb_mode": mode, "absorb_final": final, "absorb_gamma": parse_gamma(gamma)}
     if absorb_nsamples is not None:
         variant["absorb_nsamples"] = absorb_nsamples
     typer.echo(render_table(files, style=style, variant=variant,
-                            defaults=AllocationOptions().record(), all_groups=all_settings))
+                            defaults=AllocationOptions().record(), all_groups=all_settings,
+                            plot=plot))
 
 
 def main() -> None:

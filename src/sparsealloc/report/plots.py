@@ -151,3 +151,31 @@ def plot_search(curves: dict[str, list[float]], path: str | Path, title: str = "
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
+
+
+def plot_frontier(settings: list[dict], path: str | Path, title: str = "") -> Path:
+    """Each setting's allocations (mean over seeds) on one figure, one panel per setting;
+    the searched reference in black."""
+    n = max(len(settings), 1)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.8 * rows), squeeze=False)
+    for ax, s in zip(axes.flat, settings, strict=False):
+        for e in sorted(s["rows"], key=lambda e: e["ppl_mean"]):
+            alloc = e.get("allocation_mean")
+            if not alloc:
+                continue
+            label = f"{e['allocation']} ({e['ppl_mean']:.0f})"
+            if e.get("searched_reference"):
+                ax.plot(alloc, color="black", lw=2.2, label=label, zorder=5)
+            else:
+                ax.plot(alloc, lw=1.1, alpha=0.85, label=label)
+        ax.set_title(f"{s['model']}, {s['pruner']} {s['target_sparsity']:.0%}", fontsize=9)
+        ax.set_xlabel("block")
+        ax.set_ylabel("sparsity")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(settings):]:
+        ax.axis("off")
+    fig.suptitle(title or "allocations per block (legend: perplexity)")
+    return _save(fig, path)

@@ -15,11 +15,14 @@ import json
 import math
 import statistics
 from collections.abc import Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 _PROTOCOL_KEYS = ("nsamples", "seqlen", "calib", "eval_seqlen", "eval_tokens", "bos_per_window")
 
 
-def _key(model: str, proto: dict, row: dict) -> tuple:
+def row_key(model: str, proto: dict, row: dict) -> tuple:
     details = row.get("allocation_details") or {}
     opts = {k: v for k, v in (details.get("options") or {}).items()
             if not k.endswith(("_used", "_curve", "_tuned_on")) and k != "search"}
@@ -40,7 +43,7 @@ def collect_seeds(records: Iterable[tuple[str, dict]]) -> dict[tuple, dict[int, 
                 continue
             seed = int(r.get("seed", proto.get("seed", 0)))
             ppl = next(iter(r["ppl"].values()))
-            out.setdefault(_key(rec["model"], proto, r), {}).setdefault(seed, ppl)
+            out.setdefault(row_key(rec["model"], proto, r), {}).setdefault(seed, ppl)
     return out
 
 
@@ -62,38 +65,47 @@ def paired(row: dict[int, float], base: dict[int, float]) -> dict | None:
             "n": len(changes), "seeds": seeds, "changes": changes}
 
 
-def _sibling(groups: dict[tuple, dict[int, float]], key: tuple,
-             allocation: str) -> dict[int, float] | None:
-    """The row ``allocation`` of the same setting whose options the row shares (its base)."""
+def sibling(groups: dict[tuple, T], key: tuple, allocation: str) -> tuple[tuple, T] | None:
+    """The row ``allocation`` of the same setting whose options the row shares (its base):
+    its key and value."""
     mine = json.loads(key[5])
     for k, v in groups.items():
         if k[:4] == key[:4] and k[6] == key[6] and k[4] == allocation:
             theirs = json.loads(k[5])
             if all(mine.get(o) == theirs[o] for o in theirs):
-                return v
+                return k, v
     return None
 
 
 def summarise(groups: dict[tuple, dict[int, float]]) -> list[dict]:
     """One entry per row: its mean and sd over seeds, its change against uniform and, for a
     ``+absorb`` row, against its base (both paired per seed)."""
-    out = []
-    for key, by_seed in sorted(groups.items(), key=lambda kv: kv[0][:5]):
-        model, pruner, target, pattern, allocation, opts, proto = key
-        mean, sd = spread(list(by_seed.values()))
-        entry = {"model": model, "pruner": pruner, "target_sparsity": target,
-                 "pattern": pattern, "allocation": allocation, "options": json.loads(opts),
-                 "seeds": sorted(by_seed), "ppl_mean": mean, "ppl_sd": sd,
-                 "ppl_by_seed": {str(s): v for s, v in sorted(by_seed.items())}}
-        uniform = _sibling(groups, key, "uniform")
-        if allocation != "uniform" and uniform is not None:
-            entry["vs_uniform"] = paired(by_seed, uniform)
-        if allocation.endswith("+absorb"):
-            base = _sibling(groups, key, allocation[: -len("+absorb")])
-            if base is not None:
-                entry["vs_base"] = paired(by_seed, base)
-        out.append(entry)
-    return out
+    return [summarise_one(groups, key) for key in sorted(groups, key=lambda k: k[:5])]
+
+
+def base_of(allocation: str) -> str | None:
+    """The base allocation of an ``+absorb`` row (None for any other row)."""
+    return allocation[: -len("+absorb")] if allocation.endswith("+absorb") else None
+
+
+def summarise_one(groups: dict[tuple, dict[int, float]], key: tuple) -> dict:
+    """The :func:`summarise` entry of the row ``key``."""
+    by_seed = groups[key]
+    model, pruner, target, pattern, allocation, opts, proto = key
+    mean, sd = spread(list(by_seed.values()))
+    entry = {"model": model, "pruner": pruner, "target_sparsity": target,
+             "pattern": pattern, "allocation": allocation, "options": json.loads(opts),
+             "seeds": sorted(by_seed), "ppl_mean": mean, "ppl_sd": sd,
+             "ppl_by_seed": {str(s): v for s, v in sorted(by_seed.items())}}
+    uniform = sibling(groups, key, "uniform")
+    if allocation != "uniform" and uniform is not None:
+        entry["vs_uniform"] = paired(by_seed, uniform[1])
+    base = base_of(allocation)
+    if base is not None:
+        found = sibling(groups, key, base)
+        if found is not None:
+            entry["vs_base"] = paired(by_seed, found[1])
+    return entry
 
 
 def _change(c: dict | None) -> str:

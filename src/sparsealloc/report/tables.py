@@ -9,6 +9,9 @@ deterministic); the first one is used and a disagreement is reported in an HTML 
 
 ``rows``: one table per file, every row by its label, each ``+absorb`` row with its change
 against the row of its bare base allocation.
+
+``seeds`` (:mod:`.seeds`): every row's mean and spread over calibration seeds, paired changes.
+``frontier`` (:mod:`.frontier`): ``seeds`` plus each row's distance from the searched allocation.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ import json
 import math
 import statistics
 from collections.abc import Iterable
+from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, check
 from ..io import read_json
+from .frontier import frontier, render_frontier
+from .plots import plot_frontier
 from .seeds import collect_seeds, render_seeds, summarise
 
 BASES = ("uniform", "owl", "alpha")
@@ -175,15 +181,23 @@ def read_records(paths: Iterable[str]) -> list[tuple[str, dict]]:
 
 
 def table(paths: list[str], *, style: str = "grid", variant: dict | None = None,
-          defaults: dict | None = None, all_groups: bool = False) -> str:
-    """The markdown of ``sparsealloc table``: the grid over all files, or one table per file."""
+          defaults: dict | None = None, all_groups: bool = False,
+          plot: str | Path | None = None) -> str:
+    """The markdown of ``sparsealloc table``: the grid over all files, one table per file, the
+    seeds summary, or the frontier (with ``plot``: its allocations figure too)."""
     records = read_records(paths)
+    if style == "frontier":
+        settings = frontier(records)
+        if plot is not None:
+            plot_frontier(settings, plot)
+        return render_frontier(settings, defaults)
+    check(plot is None, "--plot draws the frontier figure: use it with --style frontier")
     if style == "rows":
         return "\n".join(render_rows(path, rec) for path, rec in records)
     if style == "seeds":
         return render_seeds(summarise(collect_seeds(records)), defaults)
     if style != "grid":
-        raise UserError(f"--style must be grid, rows or seeds (got {style!r})")
+        raise UserError(f"--style must be grid, rows, seeds or frontier (got {style!r})")
     warnings: list[str] = []
     groups = collect(records, variant or {}, defaults or {}, warnings)
     return "\n".join([*warnings, render_grid(groups, all_groups)])

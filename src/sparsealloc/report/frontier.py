@@ -1,0 +1,160 @@
+"""The frontier table: every row against a searched allocation of the same setting.
+
+A setting is a model, pruner, target sparsity, pattern and protocol (seed aside). Its
+reference is the row whose allocation spec starts with ``search`` (the EvoPress-style search;
+one seed is enough). For every row of the setting: its perplexity over seeds and paired
+changes (:mod:`.seeds`), the L1 distance of its allocation (mean over its seeds) from the
+searched one, ``sum_l |s_l - s*_l|``, and, for an ``+absorb`` row, the Spearman rank
+correlation over blocks between the correction's shift (``+absorb`` minus its base) and the
+searched allocation minus the same base: positive when the correction moves the base toward
+the searched optimum, block by block.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+
+from .seeds import base_of, collect_seeds, row_key, sibling, summarise_one
+
+
+def collect_allocations(records: Iterable[tuple[str, dict]]) -> dict[tuple, dict[int, list]]:
+    """``{row key: {seed: block sparsities}}`` over compare records (as :func:`collect_seeds`)."""
+    out: dict[tuple, dict[int, list]] = {}
+    for _, rec in records:
+        proto = rec["protocol"]
+        for r in rec["rows"]:
+            if r.get("label") == "dense" or not r.get("block_sparsity"):
+                continue
+            if not r.get("ppl") or r.get("status") == "diverged":
+                continue
+            seed = int(r.get("seed", proto.get("seed", 0)))
+            out.setdefault(row_key(rec["model"], proto, r), {}).setdefault(
+                seed, [float(v) for v in r["block_sparsity"]])
+    return out
+
+
+def mean_allocation(by_seed: dict[int, list]) -> list[float]:
+    """Block by block mean over the seeds."""
+    rows = list(by_seed.values())
+    return [sum(col) / len(rows) for col in zip(*rows, strict=True)]
+
+
+def l1(a: Sequence[float], b: Sequence[float]) -> float:
+    """``sum |a_l - b_l|``."""
+    return sum(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    """Ranks from 1, ties given their average rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (Pearson on average ranks); None when either is constant."""
+    if len(x) != len(y):
+        raise ValueError(f"{len(x)} and {len(y)} values")
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    sxx = sum((a - mx) ** 2 for a in rx)
+    syy = sum((b - my) ** 2 for b in ry)
+    return None if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
+
+
+def _setting(key: tuple) -> tuple:
+    return key[:4] + (key[6],)
+
+
+def frontier(records: list[tuple[str, dict]]) -> list[dict]:
+    """One entry per setting: its rows (:func:`~.seeds.summarise_one` entries with
+    ``allocation_mean``, ``l1_from_search`` and, for ``+absorb`` rows, ``spearman_to_search``)
+    and the searched reference's key fields (``search``: None when the setting has none)."""
+    ppl = collect_seeds(records)
+    allocs = collect_allocations(records)
+    settings: dict[tuple, list[tuple]] = {}
+    for key in sorted(ppl, key=lambda k: (k[:4], str(k[6]))):
+        settings.setdefault(_setting(key), []).append(key)
+    out = []
+    for setting, keys in settings.items():
+        searched = sorted((k for k in keys if k[4].startswith("search")),
+                          key=lambda k: (k[4] != "search", k[4], k[5]))
+        reference = mean_allocation(allocs[searched[0]]) if searched and searched[0] in allocs \
+            else None
+        rows = []
+        for key in keys:
+            entry = summarise_one(ppl, key)
+            alloc = mean_allocation(allocs[key]) if key in allocs else None
+            entry["allocation_mean"] = alloc
+            entry["searched_reference"] = bool(searched) and key == searched[0]
+            if reference is not None and alloc is not None:
+                entry["l1_from_search"] = l1(alloc, reference)
+                base = base_of(key[4])
+                found = sibling(allocs, key, base) if base is not None else None
+                if found is not None:
+                    base_alloc = mean_allocation(found[1])
+                    entry["spearman_to_search"] = spearman(
+                        [a - b for a, b in zip(alloc, base_alloc, strict=True)],
+                        [r - b for r, b in zip(reference, base_alloc, strict=True)])
+            rows.append(entry)
+        model, pruner, target, pattern, proto = setting
+        out.append({"model": model, "pruner": pruner, "target_sparsity": target,
+                    "pattern": pattern, "protocol": dict(zip(
+                        ("nsamples", "seqlen", "calib", "eval_seqlen", "eval_tokens",
+                         "bos_per_window"), proto, strict=True)),
+                    "search": searched[0][4] if searched else None, "rows": rows})
+    return out
+
+
+def _fmt_change(c: dict | None) -> str:
+    if not c:
+        return "-"
+    se = f" ± {c['se']:.1%}" if c.get("se") is not None else ""
+    flag = " *" if c.get("se") and abs(c["mean"]) > 2 * c["se"] else ""
+    return f"{c['mean']:+.1%}{se}{flag}"
+
+
+def _options_text(entry: dict, defaults: dict | None) -> str:
+    if not defaults:
+        return ""
+    diff = [f"{k}={v}" for k, v in sorted(entry["options"].items())
+            if k in defaults and not k.startswith("search")
+            and json.dumps(v) != json.dumps(defaults[k])]
+    return f" ({', '.join(diff)})" if diff else ""
+
+
+def render_frontier(settings: list[dict], defaults: dict | None = None) -> str:
+    """Markdown: one table per setting, rows by mean perplexity."""
+    blocks = []
+    for s in settings:
+        p = s["protocol"]
+        head = (f"**{s['model']}, {s['pruner']} {s['target_sparsity']:.0%}"
+                + (f" {s['pattern']}" if s["pattern"] != "unstructured" else "")
+                + f"** ({p['nsamples']} x {p['seqlen']} {p['calib']} calibration, "
+                  f"{p['eval_tokens'] or 'all'} evaluation tokens in windows of "
+                  f"{p['eval_seqlen']}); reference: `{s['search'] or 'no search row'}`")
+        lines = [head, "", "| allocation | seeds | ppl mean ± sd | vs uniform (paired) | "
+                 "+absorb vs base (paired) | L1 from search | Spearman(shift, search - base) |",
+                 "|---|---|---|---|---|---|---|"]
+        for e in sorted(s["rows"], key=lambda e: e["ppl_mean"]):
+            rho = e.get("spearman_to_search")
+            dist = e.get("l1_from_search")
+            lines.append(
+                f"| {e['allocation']}{_options_text(e, defaults)} | {len(e['seeds'])} | "
+                f"{e['ppl_mean']:.1f} ± {e['ppl_sd']:.1f} | {_fmt_change(e.get('vs_uniform'))}"
+                f" | {_fmt_change(e.get('vs_base'))} | "
+                f"{'-' if dist is None else f'{dist:.2f}'} | "
+                f"{'-' if rho is None else f'{rho:+.2f}'} |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

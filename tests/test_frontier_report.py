@@ -1,0 +1,82 @@
+"""The frontier table: L1 from the searched allocation, Spearman of the correction's shift."""
+
+import json
+
+import pytest
+
+from sparsealloc.errors import UserError
+from sparsealloc.report.frontier import frontier, l1, render_frontier, spearman
+from sparsealloc.report.tables import table
+
+PROTO = {"nsamples": 4, "seqlen": 16, "calib": "c4", "eval_seqlen": 16, "eval_tokens": 64,
+         "bos_per_window": False}
+
+
+def _row(allocation, ppl, alloc, seed, **options):
+    return {"label": allocation, "allocation": allocation, "pruner": {"name": "wanda"},
+            "target_sparsity": 0.5, "pattern": "unstructured", "seed": seed,
+            "allocation_details": {"options": options}, "ppl": {"wikitext2": ppl},
+            "block_sparsity": alloc}
+
+
+def _record(rows, seed=0):
+    return {"model": "m", "protocol": PROTO | {"seed": seed}, "rows": rows}
+
+
+RECORDS = [
+    ("a", _record([_row("uniform", 100.0, [0.5, 0.5, 0.5, 0.5], 0),
+                   _row("owl", 80.0, [0.4, 0.5, 0.6, 0.5], 0, owl_m=5),
+                   _row("owl+absorb", 60.0, [0.3, 0.5, 0.6, 0.6], 0, owl_m=5, absorb_gamma=0.1),
+                   _row("search", 50.0, [0.2, 0.6, 0.5, 0.7], 0, search_generations=3)])),
+    ("b", _record([_row("uniform", 120.0, [0.5, 0.5, 0.5, 0.5], 1),
+                   _row("owl", 90.0, [0.4, 0.5, 0.6, 0.5], 1, owl_m=5),
+                   _row("owl+absorb", 72.0, [0.3, 0.5, 0.6, 0.6], 1, owl_m=5,
+                        absorb_gamma=0.1)], seed=1)),
+]
+
+
+def test_spearman_and_l1_by_hand():
+    assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    # ties take average ranks: x ranks (1.5, 1.5, 3), y ranks (1, 2, 3) -> r = 0.866
+    assert spearman([0, 0, 1], [1, 2, 3]) == pytest.approx(3 ** 0.5 / 2)
+    assert spearman([0, 0, 0], [1, 2, 3]) is None  # the correction moved nothing
+    assert l1([0.5, 0.2], [0.1, 0.4]) == pytest.approx(0.6)
+
+
+def test_frontier_rows_against_search():
+    (setting,) = frontier(RECORDS)
+    assert setting["search"] == "search"
+    rows = {e["allocation"]: e for e in setting["rows"]}
+    assert rows["search"]["searched_reference"] and rows["search"]["l1_from_search"] == 0
+    # uniform: |.5-.2| + |.5-.6| + 0 + |.5-.7| = 0.6
+    assert rows["uniform"]["l1_from_search"] == pytest.approx(0.6)
+    assert rows["owl"]["l1_from_search"] == pytest.approx(0.2 + 0.1 + 0.1 + 0.2)
+    # shift of the correction: (-.1, 0, 0, .1); search - owl: (-.2, .1, -.1, .2)
+    # ranks (1, 2.5, 2.5, 4) vs (1, 3, 2, 4): r = 4.5 / sqrt(4.5 * 5) = 0.9487
+    assert rows["owl+absorb"]["spearman_to_search"] == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
+    assert "spearman_to_search" not in rows["owl"]
+    # paired over two seeds: 60/80 - 1 = -25%, 72/90 - 1 = -20%
+    assert rows["owl+absorb"]["vs_base"]["mean"] == pytest.approx(-0.225)
+    assert rows["owl+absorb"]["seeds"] == [0, 1] and rows["search"]["seeds"] == [0]
+    text = render_frontier([setting])
+    assert text.splitlines()[4].startswith("| search | 1 | 50.0 ± 0.0 | -50.0% |")
+    assert "| owl+absorb | 2 | 66.0 ± 8.5 |" in text and "| +0.95 |" in text
+
+
+def test_table_frontier_writes_plot(tmp_path):
+    paths = []
+    for name, rec in RECORDS:
+        paths.append(str(tmp_path / f"{name}.json"))
+        (tmp_path / f"{name}.json").write_text(json.dumps(rec))
+    text = table(paths, style="frontier", plot=tmp_path / "f.png")
+    assert "reference: `search`" in text and (tmp_path / "f.png").stat().st_size > 1000
+    with pytest.raises(UserError, match="--plot draws the frontier figure"):
+        table(paths, style="grid", plot=tmp_path / "g.png")
+
+
+def test_setting_without_search_has_no_distances():
+    (setting,) = frontier(RECORDS[1:])
+    assert setting["search"] is None
+    assert all("l1_from_search" not in e for e in setting["rows"])
+    assert "no search row" in render_frontier([setting])
