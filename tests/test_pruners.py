@@ -185,6 +185,27 @@ def test_masks_deterministic_ties() -> None:
 # ---------------------------------------------------------------- N:M
 
 
+def test_linear_time_masks_equal_the_stable_sort() -> None:
+    """kthvalue + lowest-index ties gives the stable sort's mask, NaN rows included."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        rows, cols = torch.randint(1, 9, (2,), generator=g).tolist()
+        scores = torch.randint(0, 3, (rows, cols), generator=g).float()  # many ties
+        if trial % 3 == 0:
+            scores = torch.randn(rows, cols, generator=g)
+        if trial % 7 == 0:
+            scores[0, 0] = float("nan")
+        for sparsity in (0.1, 0.25, 0.5, 0.7, 0.99):
+            k = prune_count(cols, sparsity)
+            ref = torch.zeros(rows, cols, dtype=torch.bool)
+            ref.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], True)
+            assert torch.equal(unstructured_row_mask(scores, sparsity), ref)
+            k = prune_count(scores.numel(), sparsity)
+            ref = torch.zeros(scores.numel(), dtype=torch.bool)
+            ref[torch.sort(scores.reshape(-1), stable=True).indices[:k]] = True
+            assert torch.equal(unstructured_layer_mask(scores, sparsity), ref.view(rows, cols))
+
+
 def test_nm_mask_hand_computed() -> None:
     scores = torch.tensor([[5.0, 1, 3, 2, 0, 9, 8, 7], [1.0, 1, 1, 1, 4, 3, 2, 1]])
     assert nm_mask(scores, 2, 4).tolist() == [[F, T, F, T, T, F, F, T], [T, T, F, F, F, F, T, T]]
