@@ -12,11 +12,18 @@ the searched optimum, block by block.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
 
-from .seeds import base_of, collect_seeds, row_key, sibling, summarise_one
+from .seeds import (
+    base_of,
+    collect_seeds,
+    format_change,
+    options_text,
+    row_key,
+    sibling,
+    summarise_one,
+)
 
 
 def collect_allocations(records: Iterable[tuple[str, dict]]) -> dict[tuple, dict[int, list]]:
@@ -117,23 +124,6 @@ def frontier(records: list[tuple[str, dict]]) -> list[dict]:
     return out
 
 
-def _fmt_change(c: dict | None) -> str:
-    if not c:
-        return "-"
-    se = f" ± {c['se']:.1%}" if c.get("se") is not None else ""
-    flag = " *" if c.get("se") and abs(c["mean"]) > 2 * c["se"] else ""
-    return f"{c['mean']:+.1%}{se}{flag}"
-
-
-def _options_text(entry: dict, defaults: dict | None) -> str:
-    if not defaults:
-        return ""
-    diff = [f"{k}={v}" for k, v in sorted(entry["options"].items())
-            if k in defaults and not k.startswith("search")
-            and json.dumps(v) != json.dumps(defaults[k])]
-    return f" ({', '.join(diff)})" if diff else ""
-
-
 def render_frontier(settings: list[dict], defaults: dict | None = None) -> str:
     """Markdown: one table per setting, rows by mean perplexity."""
     blocks = []
@@ -151,9 +141,9 @@ def render_frontier(settings: list[dict], defaults: dict | None = None) -> str:
             rho = e.get("spearman_to_search")
             dist = e.get("l1_from_search")
             lines.append(
-                f"| {e['allocation']}{_options_text(e, defaults)} | {len(e['seeds'])} | "
-                f"{e['ppl_mean']:.1f} ± {e['ppl_sd']:.1f} | {_fmt_change(e.get('vs_uniform'))}"
-                f" | {_fmt_change(e.get('vs_base'))} | "
+                f"| {e['allocation']}{options_text(e, defaults)} | {len(e['seeds'])} | "
+                f"{e['ppl_mean']:.1f} ± {e['ppl_sd']:.1f} | {format_change(e.get('vs_uniform'))}"
+                f" | {format_change(e.get('vs_base'))} | "
                 f"{'-' if dist is None else f'{dist:.2f}'} | "
                 f"{'-' if rho is None else f'{rho:+.2f}'} |")
         blocks.append("\n".join(lines))

@@ -108,7 +108,8 @@ def summarise_one(groups: dict[tuple, dict[int, float]], key: tuple) -> dict:
     return entry
 
 
-def _change(c: dict | None) -> str:
+def format_change(c: dict | None) -> str:
+    """``+x.x% ± y.y%`` (``*``: beyond twice its standard error), ``-`` when absent."""
     if not c:
         return "-"
     se = f" ± {c['se']:.1%}" if c.get("se") is not None else ""
@@ -116,7 +117,7 @@ def _change(c: dict | None) -> str:
     return f"{c['mean']:+.1%}{se}{flag}"
 
 
-def _variant(entry: dict, defaults: dict | None) -> str:
+def options_text(entry: dict, defaults: dict | None) -> str:
     """The options of a row that differ from the defaults (how variants of a spec differ)."""
     if not defaults:
         return ""
@@ -143,8 +144,8 @@ def render_seeds(entries: list[dict], defaults: dict | None = None) -> str:
         lines.append(
             f"| {e['model']} | {e['pruner']} | {e['target_sparsity']:.0%}"
             + (f" {e['pattern']}" if e["pattern"] != "unstructured" else "")
-            + f" | {e['allocation']}{_variant(e, defaults)} | {len(e['seeds'])} | "
+            + f" | {e['allocation']}{options_text(e, defaults)} | {len(e['seeds'])} | "
               f"{e['ppl_mean']:.1f} ± "
-              f"{e['ppl_sd']:.1f} | {_change(e.get('vs_uniform'))} | "
-              f"{_change(e.get('vs_base'))} |")
+              f"{e['ppl_sd']:.1f} | {format_change(e.get('vs_uniform'))} | "
+              f"{format_change(e.get('vs_base'))} |")
     return "\n".join(lines)
