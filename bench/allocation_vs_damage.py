@@ -17,32 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
-
-def ranks(xs: list[float]) -> list[float]:
-    """Ranks with ties averaged."""
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    out = [0.0] * len(xs)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            out[order[k]] = (i + j) / 2
-        i = j + 1
-    return out
+from sparsealloc.report.frontier import spearman as rank_correlation
 
 
 def spearman(a: list[float], b: list[float]) -> float:
-    ra, rb = ranks(a), ranks(b)
-    n = len(a)
-    ma, mb = sum(ra) / n, sum(rb) / n
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
-    va = sum((x - ma) ** 2 for x in ra)
-    vb = sum((y - mb) ** 2 for y in rb)
-    return cov / math.sqrt(va * vb) if va and vb else float("nan")
+    """Spearman's rank correlation (NaN when either side is constant)."""
+    rho = rank_correlation(a, b)
+    return float("nan") if rho is None else rho
 
 
 def allocations(path: str) -> dict[str, list[float]]:
