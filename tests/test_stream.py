@@ -241,7 +241,7 @@ def test_refusal_names_disk_offload_when_it_would_fit(tmp_path, monkeypatch, cap
     assert "\n" not in str(exc.value)
     Session(str(folder), Protocol(nsamples=64, seqlen=64, calib=str(text), stream="on",
                                   offload_activations="disk"), progress=False)  # fits
-    with pytest.raises(UserError, match="lower --batch-size to 13 or less"):
+    with pytest.raises(UserError, match="lower the calibration batch_size to 13 or less"):
         Session(str(folder), Protocol(nsamples=64, seqlen=64, calib=str(text), stream="on",
                                       offload_activations="disk", batch_size=64),
                 progress=False)

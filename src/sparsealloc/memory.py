@@ -83,7 +83,8 @@ def check_fits(need: StreamedNeed, available: int, sequences: int, option: str =
     """Refuse, with one line, a run whose streamed working set exceeds the available memory.
 
     ``sequences``: the sequences whose activations ``need`` holds, set by ``option``
-    (``--nsamples``; ``--batch-size`` when the activations are offloaded to disk).
+    (``--nsamples``; the calibration ``batch_size``, one sequence from the CLI, when the
+    activations are offloaded to disk).
     ``offloaded``: the same run's need with ``--offload-activations disk`` (None when the run
     already offloads); named in the line when it would fit.
     """

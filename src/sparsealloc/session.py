@@ -186,7 +186,7 @@ class Session:
 
         held = min(p.batch_size, p.nsamples)  # on disk: one batch's inputs and outputs
         if p.offload_activations == "disk":
-            check_fits(need(held), self._available, held, "--batch-size")
+            check_fits(need(held), self._available, held, "the calibration batch_size")
         else:
             check_fits(need(p.nsamples), self._available, p.nsamples, offloaded=need(held))
 
