@@ -271,3 +271,21 @@ def test_allocate_writes_search_json_and_plot(tmp_path):
     assert rec["final_fitness"] <= rec["start_fitness"]
     for key in ("database_seconds", "search_seconds", "candidate_evaluations_per_stage"):
         assert key in rec["cost"]
+
+
+def test_compare_with_search_rows_writes_each_search(tmp_path):
+    folder, text = save_tiny(tmp_path)
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", str(folder), "--calib", str(text), "--ppl", str(text),
+            "--nsamples", "6", "--seqlen", "32", "--sparsity", "0.5", "--no-dense",
+            "--allocations", "uniform,search", "--seeds", "0,1", "--search-generations", "2",
+            "--search-offspring", "4", "--search-survivors", "2,1", "--search-tokens", "32,64",
+            "--search-step", "0.05", "--out", str(out), "--quiet"]
+    res = CliRunner().invoke(app, args, catch_exceptions=True)
+    assert res.exit_code == 0, res.output
+    record = json.loads((out / "compare.json").read_text())
+    searched = [r for r in record["rows"] if r["allocation"] == "search"]
+    assert [r["seed"] for r in searched] == [0, 1]
+    for name, row in zip(("search-search", "search-search-2"), searched, strict=True):
+        rec = json.loads((out / f"{name}.json").read_text())
+        assert rec["block_sparsity"] == row["block_sparsity"] and (out / f"{name}.png").is_file()

@@ -15,6 +15,7 @@ from ..outputs import start_run_dir
 from ..protocol import EvalRequest, Protocol
 from ..report.compare import relative_changes, render_markdown, summary
 from ..report.plots import plot_compare
+from ..report.search import write_search_outputs
 from ..report.seeds import collect_seeds, summarise
 from ..rows import RowSpec, RowTemplate
 from ..session import Session
@@ -83,6 +84,8 @@ def run_compare(model: str, protocol: Protocol, rows: list[RowSpec],
         write_text(run_dir / "compare.md", render_markdown(record))
         plot_compare(([dense] if dense else []) + done, run_dir / "compare.png",
                      title=f"{model}, {main} perplexity")
+        write_search_outputs(run_dir, [r.get("allocation_details") or {} for r in done],
+                             title=f"{model}, search fitness")
         write_json(run_dir / "compare.json", record)
         (run_dir / PARTIAL).unlink(missing_ok=True)
     return record

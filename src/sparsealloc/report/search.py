@@ -22,9 +22,13 @@ def write_search_outputs(run_dir: Path, allocations: list[dict], title: str = ""
     """
     records = search_records(allocations)
     paths: list[Path] = []
+    seen: dict[str, int] = {}
     for rec in records:
         stem = "search" if len(records) == 1 else "search-" + re.sub(r"[^A-Za-z0-9.+-]+", "_",
                                                                      rec["spec"])
+        seen[stem] = seen.get(stem, 0) + 1
+        if seen[stem] > 1:  # the same spec again (another seed or sparsity of a compare)
+            stem += f"-{seen[stem]}"
         search = rec["options"]["search"]
         body = {"allocation": rec["spec"], "target_sparsity": rec["target_sparsity"],
                 "block_sparsity": rec["block_sparsity"]} | search
