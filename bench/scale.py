@@ -7,6 +7,8 @@ and a calibration text. Then prunes each with ``sparsealloc prune --stream --dty
 RSS (``peak_rss_mb`` of result.json, from ``getrusage``), wall time and seconds per block.
 Random weights: perplexity is meaningless, so none is computed; memory and time are the point.
 
+``--table FILES`` prints the BENCHMARKS.md table of result files.
+
 Example (the BENCHMARKS.md table):
     OMP_NUM_THREADS=1 python bench/scale.py --work /work/scale-bench --sizes 0.3,2.7,13,29 \
         --pruners wanda --sparsegpt-max-gb 3 --out results/scale.json
@@ -116,9 +118,26 @@ def prune(model: Path, text: Path, pruner: str, work: Path, sparsity: float = 0.
             "timings": rec["timings"]}
 
 
+def table(paths: list[Path]) -> str:
+    """The BENCHMARKS.md rows of one or more result files of this script."""
+    lines = ["| checkpoint (bf16) | layers x hidden / intermediate | run | peak RSS | wall | "
+             "prune s / block |", "|---|---|---|---|---|---|"]
+    rows = [row for path in paths for row in json.loads(path.read_text())]
+    for row in sorted(rows, key=lambda r: r["weights_gib"]):
+        for run in row["runs"]:
+            what = (f"{run['pruner']} {run['sparsity']:.0%}" if run["sparsity"] else
+                    "read + write + save, sparsity 0")
+            lines.append(f"| {row['weights_gib']:.2f} GiB | {row['layers']} x {row['hidden']} / "
+                         f"{row['intermediate']} | {what} | {run['peak_rss_gib']:.2f} GiB | "
+                         f"{run['wall_s']:.0f} s | {run['s_per_block']:.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, required=True, help="folder for models and runs")
+    ap.add_argument("--table", type=Path, nargs="+",
+                    help="print the markdown table of these result files and stop")
+    ap.add_argument("--work", type=Path, help="folder for models and runs")
     ap.add_argument("--sizes", default="0.3,2.7", help=f"comma separated, of {list(SHAPES)}")
     ap.add_argument("--pruners", default="wanda,sparsegpt")
     ap.add_argument("--sparsegpt-max-gb", type=float, default=1e9,
@@ -128,8 +147,13 @@ def main() -> None:
                     "I/O path alone, for sizes where pruning on one core takes hours)")
     ap.add_argument("--keep", action="store_true", help="keep the written models")
     ap.add_argument("--reuse", action="store_true", help="reuse a model already written")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
+    if args.work is None or args.out is None:
+        ap.error("--work and --out are required to run the benchmark")
     text = args.work / "calib.txt"
     args.work.mkdir(parents=True, exist_ok=True)
     text.write_text("Layer-wise sparsity allocation gives each block its share.\n" * 200)
