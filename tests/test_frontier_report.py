@@ -80,3 +80,14 @@ def test_setting_without_search_has_no_distances():
     assert setting["search"] is None
     assert all("l1_from_search" not in e for e in setting["rows"])
     assert "no search row" in render_frontier([setting])
+
+
+def test_table_filters_rows_by_model_pruner_and_sparsity(tmp_path):
+    rec = _record([_row("uniform", 100.0, [0.5] * 4, 0),
+                   _row("uniform", 30.0, [0.3] * 4, 0) | {"target_sparsity": 0.3},
+                   _row("uniform", 90.0, [0.5] * 4, 0) | {"pruner": {"name": "sparsegpt"}}])
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(rec))
+    text = table([str(path)], style="frontier", sparsity=0.5, pruner="wanda")
+    assert text.count("**m, ") == 1 and "| uniform | 1 | 100.0 ± 0.0 |" in text
+    assert table([str(path)], style="frontier", model="other") == ""

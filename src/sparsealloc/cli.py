@@ -446,6 +446,12 @@ def table(
         "--all", help="grid: also settings without a +absorb row (baselines only)")] = False,
     plot: Annotated[Path | None, typer.Option(
         help="frontier: also draw every setting's allocations to this PNG")] = None,
+    only_model: Annotated[str | None, typer.Option(
+        "--model", help="only the rows of this model")] = None,
+    only_pruner: Annotated[str | None, typer.Option(
+        "--pruner", help="only the rows of this pruner")] = None,
+    only_sparsity: Annotated[float | None, typer.Option(
+        "--sparsity", help="only the rows of this target sparsity")] = None,
 ) -> None:
     """Markdown tables from result files: rows are picked by their recorded options."""
     variant = {"absorb_mode": mode, "absorb_final": final, "absorb_gamma": parse_gamma(gamma)}
@@ -453,7 +459,8 @@ def table(
         variant["absorb_nsamples"] = absorb_nsamples
     typer.echo(render_table(files, style=style, variant=variant,
                             defaults=AllocationOptions().record(), all_groups=all_settings,
-                            plot=plot))
+                            plot=plot, model=only_model, pruner=only_pruner,
+                            sparsity=only_sparsity))
 
 
 def main() -> None:

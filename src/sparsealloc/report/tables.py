@@ -180,12 +180,30 @@ def read_records(paths: Iterable[str]) -> list[tuple[str, dict]]:
     return out
 
 
+def only(records: list[tuple[str, dict]], model: str | None = None, pruner: str | None = None,
+         sparsity: float | None = None) -> list[tuple[str, dict]]:
+    """The records with only the rows of this model, pruner and target sparsity (each
+    optional; the dense row stays with its model)."""
+    out = []
+    for path, rec in records:
+        if model is not None and rec.get("model") != model:
+            continue
+        rows = [r for r in rec["rows"] if r.get("label") == "dense" or (
+            (pruner is None or (r.get("pruner") or {}).get("name") == pruner)
+            and (sparsity is None or math.isclose(float(r.get("target_sparsity", -1)),
+                                                  sparsity, abs_tol=1e-9)))]
+        out.append((path, rec | {"rows": rows}))
+    return out
+
+
 def table(paths: list[str], *, style: str = "grid", variant: dict | None = None,
           defaults: dict | None = None, all_groups: bool = False,
-          plot: str | Path | None = None) -> str:
+          plot: str | Path | None = None, model: str | None = None, pruner: str | None = None,
+          sparsity: float | None = None) -> str:
     """The markdown of ``sparsealloc table``: the grid over all files, one table per file, the
-    seeds summary, or the frontier (with ``plot``: its allocations figure too)."""
-    records = read_records(paths)
+    seeds summary, or the frontier (with ``plot``: its allocations figure too), over the rows
+    of ``model``, ``pruner`` and ``sparsity`` when given."""
+    records = only(read_records(paths), model, pruner, sparsity)
     if style == "frontier":
         settings = frontier(records)
         if plot is not None:
