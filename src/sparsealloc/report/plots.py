@@ -159,7 +159,7 @@ def plot_frontier(settings: list[dict], path: str | Path, title: str = "") -> Pa
     n = max(len(settings), 1)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(8 * cols, 4 * rows), squeeze=False)
     for ax, s in zip(axes.flat, settings, strict=False):
         for e in sorted(s["rows"], key=lambda e: e["ppl_mean"]):
             alloc = e.get("allocation_mean")
@@ -174,7 +174,7 @@ def plot_frontier(settings: list[dict], path: str | Path, title: str = "") -> Pa
         ax.set_xlabel("block")
         ax.set_ylabel("sparsity")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     for ax in list(axes.flat)[len(settings):]:
         ax.axis("off")
     fig.suptitle(title or "allocations per block (legend: perplexity)")
