@@ -16,11 +16,12 @@ import math
 from collections.abc import Iterable, Sequence
 
 from .seeds import (
+    PROTOCOL_KEYS,
     base_of,
     collect_seeds,
     format_change,
     options_text,
-    row_key,
+    seeded_rows,
     sibling,
     summarise_one,
 )
@@ -29,16 +30,9 @@ from .seeds import (
 def collect_allocations(records: Iterable[tuple[str, dict]]) -> dict[tuple, dict[int, list]]:
     """``{row key: {seed: block sparsities}}`` over compare records (as :func:`collect_seeds`)."""
     out: dict[tuple, dict[int, list]] = {}
-    for _, rec in records:
-        proto = rec["protocol"]
-        for r in rec["rows"]:
-            if r.get("label") == "dense" or not r.get("block_sparsity"):
-                continue
-            if not r.get("ppl") or r.get("status") == "diverged":
-                continue
-            seed = int(r.get("seed", proto.get("seed", 0)))
-            out.setdefault(row_key(rec["model"], proto, r), {}).setdefault(
-                seed, [float(v) for v in r["block_sparsity"]])
+    for key, seed, r in seeded_rows(records):
+        if r.get("block_sparsity"):
+            out.setdefault(key, {}).setdefault(seed, [float(v) for v in r["block_sparsity"]])
     return out
 
 
@@ -110,16 +104,14 @@ def frontier(records: list[tuple[str, dict]]) -> list[dict]:
                 base = base_of(key[4])
                 found = sibling(allocs, key, base) if base is not None else None
                 if found is not None:
-                    base_alloc = mean_allocation(found[1])
+                    base_alloc = mean_allocation(found)
                     entry["spearman_to_search"] = spearman(
                         [a - b for a, b in zip(alloc, base_alloc, strict=True)],
                         [r - b for r, b in zip(reference, base_alloc, strict=True)])
             rows.append(entry)
         model, pruner, target, pattern, proto = setting
         out.append({"model": model, "pruner": pruner, "target_sparsity": target,
-                    "pattern": pattern, "protocol": dict(zip(
-                        ("nsamples", "seqlen", "calib", "eval_seqlen", "eval_tokens",
-                         "bos_per_window"), proto, strict=True)),
+                    "pattern": pattern, "protocol": dict(zip(PROTOCOL_KEYS, proto, strict=True)),
                     "search": searched[0][4] if searched else None, "rows": rows})
     return out
 

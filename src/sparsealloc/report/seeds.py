@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
 
-_PROTOCOL_KEYS = ("nsamples", "seqlen", "calib", "eval_seqlen", "eval_tokens", "bos_per_window")
+PROTOCOL_KEYS = ("nsamples", "seqlen", "calib", "eval_seqlen", "eval_tokens", "bos_per_window")
 
 
 def row_key(model: str, proto: dict, row: dict) -> tuple:
@@ -29,21 +29,26 @@ def row_key(model: str, proto: dict, row: dict) -> tuple:
     return (model, row["pruner"]["name"], row["target_sparsity"], row.get("pattern",
             "unstructured"), row["allocation"], json.dumps(opts, sort_keys=True),
             tuple(bool(proto.get(k)) if k == "bos_per_window" else proto.get(k)
-                  for k in _PROTOCOL_KEYS))
+                  for k in PROTOCOL_KEYS))
 
 
-def collect_seeds(records: Iterable[tuple[str, dict]]) -> dict[tuple, dict[int, float]]:
-    """``{row key: {seed: main perplexity}}`` over compare records (a row seen twice with the
-    same seed must agree; the first is kept)."""
-    out: dict[tuple, dict[int, float]] = {}
+def seeded_rows(records: Iterable[tuple[str, dict]]) -> Iterator[tuple[tuple, int, dict]]:
+    """``(row key, seed, row)`` of every evaluated, non-diverged pruned row of the records."""
     for _, rec in records:
         proto = rec["protocol"]
         for r in rec["rows"]:
             if r.get("label") == "dense" or not r.get("ppl") or r.get("status") == "diverged":
                 continue
             seed = int(r.get("seed", proto.get("seed", 0)))
-            ppl = next(iter(r["ppl"].values()))
-            out.setdefault(row_key(rec["model"], proto, r), {}).setdefault(seed, ppl)
+            yield row_key(rec["model"], proto, r), seed, r
+
+
+def collect_seeds(records: Iterable[tuple[str, dict]]) -> dict[tuple, dict[int, float]]:
+    """``{row key: {seed: main perplexity}}`` over compare records (a row seen twice with the
+    same seed must agree; the first is kept)."""
+    out: dict[tuple, dict[int, float]] = {}
+    for key, seed, r in seeded_rows(records):
+        out.setdefault(key, {}).setdefault(seed, next(iter(r["ppl"].values())))
     return out
 
 
@@ -65,15 +70,14 @@ def paired(row: dict[int, float], base: dict[int, float]) -> dict | None:
             "n": len(changes), "seeds": seeds, "changes": changes}
 
 
-def sibling(groups: dict[tuple, T], key: tuple, allocation: str) -> tuple[tuple, T] | None:
-    """The row ``allocation`` of the same setting whose options the row shares (its base):
-    its key and value."""
+def sibling(groups: dict[tuple, T], key: tuple, allocation: str) -> T | None:
+    """The row ``allocation`` of the same setting whose options the row shares (its base)."""
     mine = json.loads(key[5])
     for k, v in groups.items():
         if k[:4] == key[:4] and k[6] == key[6] and k[4] == allocation:
             theirs = json.loads(k[5])
             if all(mine.get(o) == theirs[o] for o in theirs):
-                return k, v
+                return v
     return None
 
 
@@ -99,12 +103,12 @@ def summarise_one(groups: dict[tuple, dict[int, float]], key: tuple) -> dict:
              "ppl_by_seed": {str(s): v for s, v in sorted(by_seed.items())}}
     uniform = sibling(groups, key, "uniform")
     if allocation != "uniform" and uniform is not None:
-        entry["vs_uniform"] = paired(by_seed, uniform[1])
+        entry["vs_uniform"] = paired(by_seed, uniform)
     base = base_of(allocation)
     if base is not None:
         found = sibling(groups, key, base)
         if found is not None:
-            entry["vs_base"] = paired(by_seed, found[1])
+            entry["vs_base"] = paired(by_seed, found)
     return entry
 
 
