@@ -105,6 +105,11 @@ def _ints(text: str, option: str) -> list[int]:
     return values
 
 
+def _stream_mode(stream: bool | None) -> str:
+    """--stream / --no-stream / neither as Protocol.stream: on, off, auto."""
+    return "auto" if stream is None else ("on" if stream else "off")
+
+
 def protocol_options(
     nsamples: NSamples = 128, seqlen: SeqLen = 2048, seed: Seed = 0, calib: Calib = "c4",
     eval_seqlen: EvalSeqLen = None, eval_tokens: EvalTokens = None, data_dir: DataDir = None,
@@ -119,7 +124,7 @@ def protocol_options(
                     device=device, bos_per_window=bos_per_window,
                     allow_long_seqlen=allow_long_seqlen, dtype=dtype,
                     compute_dtype=compute_dtype,
-                    stream="auto" if stream is None else ("on" if stream else "off"),
+                    stream=_stream_mode(stream),
                     offload_activations=offload_activations)
 
 
@@ -321,7 +326,7 @@ def eval_(
                      device=device, bos_per_window=bos_per_window,
                      allow_long_seqlen=allow_long_seqlen, dtype=dtype,
                      compute_dtype=compute_dtype,
-                     stream="auto" if stream is None else ("on" if stream else "off"))
+                     stream=_stream_mode(stream))
     req = eval_options(ppl, tasks, limit, batch_size)
     with reports_interrupt(out, "eval"):
         record = run_eval(model, proto, req, out=out, progress=not quiet)

@@ -71,6 +71,13 @@ def _scratch_dir(near: str | Path | None, prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
 
 
+def _no_moe_streaming(spec: str) -> UserError:
+    """The refusal of ``--stream`` for MoE models (fused experts are found before the blocks
+    are discovered, per-expert linears after)."""
+    return UserError(f"{spec} is a mixture-of-experts model: streaming does not support MoE "
+                     "yet; run with --no-stream")
+
+
 @dataclass
 class Pruned:
     """What :meth:`Session.prune` did: the pruner, its seconds, every block's pattern and the
@@ -105,10 +112,8 @@ class Session:
         if self._stream:
             self._start_streaming(scratch_near)
         self.source["streamed"] = self.streaming
-        config = self.model.config
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        note = protocol.check_positions(getattr(text_config, "max_position_embeddings", None),
-                                        self.model_id)
+        note = protocol.check_positions(
+            getattr(self.text_config, "max_position_embeddings", None), self.model_id)
         if note is not None:
             print(f"warning: {note}", file=sys.stderr, flush=True)
         offload = None
@@ -152,8 +157,7 @@ class Session:
             return load_model(spec, dtype=dtype, device="cpu")
         loaded = load_skeleton(spec, folder, storage)
         if any(fused_layout(m) is not None for m in loaded.model.modules()):
-            raise UserError(f"{spec} is a mixture-of-experts model: streaming does not support "
-                            "MoE yet; run with --no-stream")
+            raise _no_moe_streaming(spec)
         self._checkpoint = checkpoint
         self._available = available
         self._stream = True  # StreamedWeights made once the blocks are discovered
@@ -161,8 +165,7 @@ class Session:
 
     def _start_streaming(self, scratch_near: str | Path | None) -> None:
         if any(self.arch.expert_lists):
-            raise UserError(f"{self.spec} is a mixture-of-experts model: streaming does not "
-                            "support MoE yet; run with --no-stream")
+            raise _no_moe_streaming(self.spec)
         scratch = _scratch_dir(scratch_near, ".sparsealloc-stream.")
         self.weights = StreamedWeights(self.model, self.arch.blocks_attr, self.arch.num_blocks,
                                        self._checkpoint, self.storage_dtype, scratch)
@@ -172,9 +175,7 @@ class Session:
     def _check_memory(self) -> None:
         """Refuse (one line, exit 2) a streamed run whose working set cannot fit."""
         assert self.weights is not None
-        config = self.model.config
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        hidden = int(getattr(text, "hidden_size", 0) or 0)
+        hidden = int(getattr(self.text_config, "hidden_size", 0) or 0)
         p = self.protocol
         block = max(self.weights.block_size)
         outside = max((s.shape.numel() for s in self.weights.outside_slots), default=0)
@@ -197,6 +198,12 @@ class Session:
             assert isinstance(dtype, torch.dtype)
             return dtype
         return torch.float32 if protocol.device == "cpu" else self.storage_dtype
+
+    @property
+    def text_config(self) -> Any:
+        """The language model's config (a multimodal config's text part)."""
+        config = self.model.config
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
 
     @property
     def streaming(self) -> bool:
@@ -504,13 +511,11 @@ class Session:
                                   progress=self.progress, desc=desc)
             finally:
                 self.model.to("cpu")
-        config = self.model.config
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        cap = getattr(config, "final_logit_softcapping", None)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
         nll = blockwise_window_nlls(
             self.runner, windows, self.arch.final_norm, self.model.get_output_embeddings(),
             softcap=float(cap) if cap else None, outside=self.outside_weights,
-            hidden_size=getattr(text, "hidden_size", None))
+            hidden_size=getattr(self.text_config, "hidden_size", None))
         return perplexity_record(nll, windows)
 
     def perplexity(self, corpora: list[str], split: str = "eval",
