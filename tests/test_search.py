@@ -13,7 +13,10 @@ from typer.testing import CliRunner
 from sparsealloc.allocation import AllocationOptions, parse_allocation_spec, weighted_mean
 from sparsealloc.allocation.search import (
     SearchConfig,
+    SearchOptions,
+    SearchResult,
     check_budget,
+    checkpoints,
     evolve,
     level_grid,
     mutate,
@@ -23,7 +26,9 @@ from sparsealloc.blockwise import prune_block
 from sparsealloc.cli import app
 from sparsealloc.errors import UserError
 from sparsealloc.frontier import KLFitness, LevelDatabase, build_database, pack_mask, unpack_mask
+from sparsealloc.frontier import run as search_run
 from sparsealloc.frontier.fitness import logit_softcap
+from sparsealloc.frontier.run import held_out_choice
 from sparsealloc.models.arch import weight_out_in
 from sparsealloc.plan import compute_allocation
 from sparsealloc.protocol import Protocol
@@ -31,7 +36,7 @@ from sparsealloc.pruners import get_pruner, parse_pattern
 from sparsealloc.session import Session
 
 QUICK = dict(search_generations=6, search_offspring=6, search_survivors=(3, 1),
-             search_tokens=(32, 96), search_step=0.1, search_levels=2)
+             search_tokens=(32, 96), search_step=0.1, search_levels=2, search_holdout=0)
 
 
 def _session(tmp_path, folder=None, text=None, nsamples=6) -> Session:
@@ -97,6 +102,56 @@ def test_evolve_finds_a_planted_optimum_and_never_gets_worse():
     assert all(b <= a for a, b in zip(res.curve, res.curve[1:], strict=False))
     again = evolve(grid, _quadratic(optimum), cfg)
     assert again.curve == res.curve and again.levels == res.levels
+    # the trajectory: the start, then the parent after each improvement, with its fitness
+    assert [g for g, _, _ in res.trajectory] == [0, *res.improved_generations]
+    assert res.trajectory[0] == (0, (0,) * 6, res.start_fitness)
+    assert res.trajectory[-1][1:] == (res.levels, res.fitness)
+    assert all(res.curve[g] == f for g, _, f in res.trajectory)
+    assert all(f == sum((k - o) ** 2 for k, o in zip(lv, optimum, strict=True)) + 0.1
+               for _, lv, f in res.trajectory)
+
+
+@pytest.mark.parametrize(("count", "wanted", "expect"), [
+    (1, 8, [0]), (5, 8, [0, 1, 2, 3, 4]), (10, 8, [0, 1, 3, 4, 5, 6, 8, 9]),
+    (100, 2, [0, 99]), (7, 3, [0, 3, 6]),
+])
+def test_checkpoints_are_evenly_spaced_with_both_ends(count, wanted, expect):
+    assert checkpoints(count, wanted) == expect
+
+
+class _FakeHeld:
+    """A held-out fitness with given values per level vector."""
+
+    tokens_per_stage = [64]
+    final_batches = [0, 1]
+
+    def __init__(self, values):
+        self.values = values
+        self.asked = []
+
+    def kl_shared(self, cands, batches):
+        self.asked.append(list(cands))
+        return [self.values[c] for c in cands]
+
+
+def test_held_out_choice_keeps_the_best_checkpoint_and_the_earlier_on_ties():
+    traj = [(g, (g,), 10.0 - g) for g in range(5)]  # calibration fitness falls every time
+    res = SearchResult(levels=(4,), fitness=6.0, start_fitness=10.0, trajectory=traj)
+    held = _FakeHeld({(0,): 5.0, (1,): 4.0, (2,): 3.0, (3,): 3.0, (4,): 3.5})
+    index, rec = held_out_choice(res, held, 8)
+    assert index == 2  # generation 3 ties with 2: the earlier; the last (4) overfits
+    assert rec["start_holdout_kl"] == 5.0 and rec["chosen_holdout_kl"] == 3.0
+    assert rec["last_holdout_kl"] == 3.5 and rec["tokens"] == 64
+    assert [c["generation"] for c in rec["checkpoints"]] == [0, 1, 2, 3, 4]
+    index, rec = held_out_choice(res, _FakeHeld({(0,): 1.0, (2,): 3.0, (4,): 2.0}), 3)
+    assert index == 0 and [c["generation"] for c in rec["checkpoints"]] == [0, 2, 4]
+
+
+def test_search_options_reject_bad_holdout():
+    with pytest.raises(UserError, match="--search-holdout must be >= 0"):
+        SearchOptions(holdout=-1)
+    with pytest.raises(UserError, match="--search-checkpoints must be at least 2"):
+        SearchOptions(checkpoints=1)
 
 
 def test_search_config_rejects_bad_stages():
@@ -245,6 +300,39 @@ def test_search_finds_the_planted_optimum(tmp_path, fragile):
     assert alloc.options["search"]["final_fitness"] < alloc.options["search"]["start_fitness"]
 
 
+def test_search_scores_checkpoints_on_held_out_text(tmp_path, monkeypatch):
+    folder, text = save_tiny(tmp_path)
+    monkeypatch.setattr(search_run, "tune_corpus", lambda calib, what, fix: (str(text), "eval"))
+    s = _session(tmp_path, folder, text)
+    alloc = _search(s, search_holdout=64, search_checkpoints=3, search_generations=10)
+    rec = alloc.options["search"]
+    check = rec["holdout"]
+    assert check["corpus"] == f"{text}:eval" and check["tokens"] == 64
+    gens = [c["generation"] for c in check["checkpoints"]]
+    assert gens[0] == 0 and gens[-1] == ([0, *rec["improved_generations"]])[-1]
+    assert len(gens) == min(3, len(rec["improved_generations"]) + 1)
+    best = min(check["checkpoints"], key=lambda c: c["holdout_kl"])
+    assert check["chosen_holdout_kl"] == best["holdout_kl"] <= check["start_holdout_kl"]
+    assert rec["chosen_generation"] == check["chosen_generation"] == best["generation"]
+    assert rec["final_fitness"] == rec["fitness_curve"][rec["chosen_generation"]]
+    assert rec["final_fitness"] <= rec["start_fitness"]
+    assert rec["last_fitness"] == rec["fitness_curve"][-1]
+    assert abs(weighted_mean(alloc.block_sparsity, s.params_per_block) - 0.5) < 1e-9
+    # the held-out KL is a real measurement: dense levels score 0, the start does not
+    assert all(c["holdout_kl"] > 0 for c in check["checkpoints"])
+    # with the check off, the last point is returned
+    last = _search(s, search_generations=10)
+    assert last.options["search"]["holdout"] is None
+    assert last.options["search"]["chosen_generation"] == ([0, *last.options["search"]
+                                                            ["improved_generations"]])[-1]
+
+
+def test_search_holdout_needs_a_held_out_slice(tmp_path):
+    s = _session(tmp_path)
+    with pytest.raises(UserError, match="held-out check .*--search-holdout 0"):
+        _search(s, search_holdout=64)
+
+
 def test_search_rejects_nm_and_too_many_tokens(tmp_path):
     s = _session(tmp_path)
     with pytest.raises(UserError, match="unstructured"):
@@ -253,16 +341,19 @@ def test_search_rejects_nm_and_too_many_tokens(tmp_path):
         _search(s, search_tokens=(32, 1000))
 
 
-def test_allocate_writes_search_json_and_plot(tmp_path):
+def test_allocate_writes_search_json_and_plot(tmp_path, monkeypatch):
     folder, text = save_tiny(tmp_path)
+    monkeypatch.setattr(search_run, "tune_corpus", lambda calib, what, fix: (str(text), "eval"))
     out = tmp_path / "alloc"
     args = ["allocate", "--model", str(folder), "--calib", str(text), "--nsamples", "6",
             "--seqlen", "32", "--sparsity", "0.5", "--allocation", "owl,search:owl",
             "--search-generations", "3", "--search-offspring", "4", "--search-survivors", "2,1",
-            "--search-tokens", "32,64", "--search-step", "0.05", "--out", str(out), "--quiet"]
+            "--search-tokens", "32,64", "--search-step", "0.05", "--search-holdout", "64",
+            "--out", str(out), "--quiet"]
     res = CliRunner().invoke(app, args, catch_exceptions=True)
     assert res.exit_code == 0, res.output
     rec = json.loads((out / "search.json").read_text())
+    assert rec["holdout"]["tokens"] == 64 and rec["holdout"]["checkpoints"][0]["generation"] == 0
     assert (out / "search.png").is_file()
     assert rec["allocation"] == "search:owl" and len(rec["fitness_curve"]) == 4
     full = json.loads((out / "allocation.json").read_text())
@@ -280,7 +371,7 @@ def test_compare_with_search_rows_writes_each_search(tmp_path):
             "--nsamples", "6", "--seqlen", "32", "--sparsity", "0.5", "--no-dense",
             "--allocations", "uniform,search", "--seeds", "0,1", "--search-generations", "2",
             "--search-offspring", "4", "--search-survivors", "2,1", "--search-tokens", "32,64",
-            "--search-step", "0.05", "--out", str(out), "--quiet"]
+            "--search-step", "0.05", "--search-holdout", "0", "--out", str(out), "--quiet"]
     res = CliRunner().invoke(app, args, catch_exceptions=True)
     assert res.exit_code == 0, res.output
     record = json.loads((out / "compare.json").read_text())

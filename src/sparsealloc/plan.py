@@ -56,7 +56,8 @@ def searched(session: Session, alloc: Allocation, opts: AllocationOptions, prune
     """``alloc`` improved by the evolutionary search (its own allocation is the start)."""
     search = opts.of("search")
     outcome = search_allocation(session, alloc.block_sparsity, alloc.target_sparsity,
-                                search.config(), pruner, pattern, stride=search.stride)
+                                search.config(), pruner, pattern, stride=search.stride,
+                                holdout=search.holdout, num_checkpoints=search.checkpoints)
     return replace(alloc, block_sparsity=outcome.block_sparsity,
                    options=dict(alloc.options, search=outcome.record))
 

@@ -136,6 +136,11 @@ class Activations:
     hidden: Hidden
     calls: list[list[BlockCall]] = field(default_factory=list)  # [batch][block]
 
+    @property
+    def num_tokens(self) -> int:
+        """Tokens over all batches (batch x sequence length)."""
+        return sum(int(h.shape[0] * h.shape[1]) for h in self.hidden)
+
     def clone(self) -> Activations:
         if isinstance(self.hidden, DiskHidden):  # never changed in place: shared
             return Activations(hidden=self.hidden, calls=self.calls)

@@ -480,6 +480,14 @@ class Session:
                                                      self.protocol.batch_size)
         return self._captured.clone()
 
+    def heldout_capture(self, name: str, split: str, tokens: int) -> Activations:
+        """Embedded windows of ``--seqlen`` over the first ``tokens`` tokens of a held-out
+        text (e.g. the calibration corpus's tune slice); computed afresh on each call."""
+        ids = tokenize(self.tokenizer, self.corpus(name, split))
+        windows = eval_windows(ids, self.protocol.seqlen, tokens, self.window_bos)
+        with self.timed("embed"), self.outside_weights():
+            return self.runner.capture(windows, self.protocol.batch_size)
+
     @cached_property
     def window_bos(self) -> int | None:
         """The BOS id every window starts with (``--bos-per-window``), else None."""

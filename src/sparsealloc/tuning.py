@@ -12,17 +12,19 @@ from collections.abc import Sequence
 from .errors import UserError
 from .session import Session
 
+_NO_SLICE_FIX = ("give a number instead, e.g. --absorb-gamma 0.02 or --allocation linear")
 
-def tune_corpus(calib: str) -> tuple[str, str]:
+
+def tune_corpus(calib: str, what: str = "choosing a value on held-out text (--absorb-gamma "
+                "auto, linear:auto)", fix: str = _NO_SLICE_FIX) -> tuple[str, str]:
     """The held-out slice of the calibration corpus used to choose a hyperparameter."""
     if calib in ("c4", "wiki"):
         return calib, "tune"
     if calib == "wikitext2":
         return "wikitext2:validation", "eval"
     raise UserError(
-        f"choosing a value on held-out text (--absorb-gamma auto, linear:auto) needs a "
-        f"calibration corpus with a held-out slice (c4, wiki or wikitext2), not '{calib}'; "
-        f"give a number instead, e.g. --absorb-gamma 0.02 or --allocation linear"
+        f"{what} needs a calibration corpus with a held-out slice (c4, wiki or wikitext2), "
+        f"not '{calib}'; {fix}"
     )
 
 

@@ -49,6 +49,34 @@ def kl_sum(dense_lp: Tensor, cand_lp: Tensor) -> tuple[float, int]:
     return float(kl.sum()), kl.numel()
 
 
+class LevelLoader:
+    """Puts level vectors' weights into the model, rewriting only the blocks that change.
+
+    One loader per model: every :class:`KLFitness` on the same model shares it, so none of
+    them trusts a stale idea of what the model holds. :meth:`forget` after the weights were
+    changed behind its back (e.g. the dense ones restored).
+    """
+
+    def __init__(self, arch: Architecture, db: LevelDatabase, grid: LevelGrid) -> None:
+        self.arch = arch
+        self.db = db
+        self.grid = grid
+        self.loaded: list[int | None] = [None] * arch.num_blocks
+
+    def forget(self) -> None:
+        self.loaded = [None] * self.arch.num_blocks
+
+    @torch.no_grad()
+    def load(self, levels: Levels) -> None:
+        for index, level in enumerate(levels):
+            if self.loaded[index] == level:
+                continue
+            weights = self.db.weights(index, self.grid.sparsity(index, level))
+            for name, module in self.arch.linears(index).items():
+                weight_out_in(module).copy_(weights[name])
+            self.loaded[index] = level
+
+
 class KLFitness:
     """Callable ``fitness(candidates, stage) -> [KL per candidate]`` for :func:`evolve`.
 
@@ -60,11 +88,15 @@ class KLFitness:
         tokens: calibration tokens per selection stage.
         stride: score every stride-th position.
         seed: seed of the batch draws.
+        loader: the model's :class:`LevelLoader` (shared by every fitness on the model);
+            None: a new one. The model must be dense when the fitness is made (its outputs
+            are the reference).
     """
 
     def __init__(self, runner: BlockRunner, acts: Activations, lm_head: nn.Module,
                  softcap: float | None, db: LevelDatabase, grid: LevelGrid,
-                 tokens: Sequence[int], stride: int = 1, seed: int = 0) -> None:
+                 tokens: Sequence[int], stride: int = 1, seed: int = 0,
+                 loader: LevelLoader | None = None) -> None:
         if stride < 1:
             raise UserError(f"--search-stride must be at least 1 (got {stride})")
         self.runner = runner
@@ -72,12 +104,11 @@ class KLFitness:
         self.acts = acts
         self.lm_head = lm_head
         self.softcap = softcap
-        self.db = db
-        self.grid = grid
+        self.loader = loader if loader is not None else LevelLoader(runner.arch, db, grid)
         self.stride = stride
         self.gen = torch.Generator().manual_seed(int(seed) + 7_919)
         per_batch = int(acts.hidden[0].shape[0] * acts.hidden[0].shape[1])
-        available = sum(int(h.shape[0] * h.shape[1]) for h in acts.hidden)
+        available = acts.num_tokens
         self.batches_per_stage = []
         for t in tokens:
             if t > available:
@@ -88,7 +119,6 @@ class KLFitness:
             self.batches_per_stage.append(math.ceil(t / per_batch))
         self.tokens_per_stage = [n * per_batch for n in self.batches_per_stage]
         self.final_batches = self._draw(self.batches_per_stage[-1])
-        self.loaded: list[int | None] = [None] * self.arch.num_blocks
         self.token_block_forwards = 0  # tokens x blocks run (the dense reference included)
         self.dense_final = self._dense_outputs()
 
@@ -137,16 +167,9 @@ class KLFitness:
         """Final-norm hidden states of the dense model (the model must be dense now)."""
         return [self._run(b).to(self.runner.storage) for b in range(len(self.acts.hidden))]
 
-    @torch.no_grad()
     def load(self, levels: Levels) -> None:
         """Put every block's weights at ``levels`` into the model (only blocks that change)."""
-        for index, level in enumerate(levels):
-            if self.loaded[index] == level:
-                continue
-            weights = self.db.weights(index, self.grid.sparsity(index, level))
-            for name, module in self.arch.linears(index).items():
-                weight_out_in(module).copy_(weights[name])
-            self.loaded[index] = level
+        self.loader.load(levels)
 
     @torch.no_grad()
     def kl(self, levels: Levels, batches: Sequence[int]) -> float:

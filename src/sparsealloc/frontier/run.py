@@ -9,13 +9,21 @@ from dataclasses import asdict, dataclass
 
 from tqdm.auto import tqdm
 
-from ..allocation.search import SearchConfig, check_budget, evolve, level_grid
+from ..allocation.search import (
+    SearchConfig,
+    SearchResult,
+    check_budget,
+    checkpoints,
+    evolve,
+    level_grid,
+)
 from ..errors import UserError
 from ..progress import progress_enabled
 from ..pruners import get_pruner, parse_pattern
 from ..session import Session
+from ..tuning import tune_corpus
 from .database import LevelDatabase, build_database
-from .fitness import KLFitness, logit_softcap
+from .fitness import KLFitness, LevelLoader, logit_softcap
 
 FITNESS = ("KL(dense || candidate) of the next-token distribution, mean over the scored "
            "calibration tokens; every block pruned at its level on dense inputs (the database)")
@@ -42,11 +50,15 @@ def database_key(session: Session, pruner: str, pruner_config: dict, pattern: st
 def search_allocation(session: Session, start: list[float], target: float,
                       config: SearchConfig, pruner: str = "wanda",
                       pattern: str = "unstructured", stride: int = 1,
-                      use_cache: bool = True) -> SearchOutcome:
+                      use_cache: bool = True, holdout: int = 0,
+                      num_checkpoints: int = 8) -> SearchOutcome:
     """Search per-block sparsities from ``start`` (level 0), budget exact.
 
-    The database is cached on disk under ``$SPARSEALLOC_CACHE/search_db`` (``use_cache``);
-    the model is dense again afterwards.
+    With ``holdout`` tokens, the start and up to ``num_checkpoints`` points of the search's
+    trajectory are scored (the same KL) on that many tokens of the calibration corpus's tune
+    slice, and the best of them is returned; without, the last. The database is cached on
+    disk under ``$SPARSEALLOC_CACHE/search_db`` (``use_cache``); the model is dense again
+    afterwards.
     """
     pat = parse_pattern(pattern)
     if pat.is_nm:
@@ -57,6 +69,9 @@ def search_allocation(session: Session, start: list[float], target: float,
     if max(config.tokens) > available:  # checked again, exactly, by KLFitness
         raise UserError(f"--search-tokens {max(config.tokens)} exceeds the {available} "
                         "calibration tokens (--nsamples x --seqlen); lower it or raise --nsamples")
+    heldout = (tune_corpus(session.protocol.calib, "the search's held-out check (--search-"
+                           "holdout)", "or turn the check off: --search-holdout 0")
+               if holdout else None)
     weights = session.params_per_block
     grid = level_grid(start, weights, config.step, config.levels, config.lo, config.hi)
     check_budget(grid, [0] * grid.num_blocks, target, weights)  # the start meets the budget
@@ -84,29 +99,44 @@ def search_allocation(session: Session, start: list[float], target: float,
         bar.set_postfix(best_kl=f"{best:.5g}")
 
     t1 = time.perf_counter()
+    lm_head, softcap = session.model.get_output_embeddings(), logit_softcap(session.model)
+    loader = LevelLoader(session.arch, db, grid)
+    check: dict | None = None
     try:
         with session.timed("search"):
-            fitness = KLFitness(session.runner, session.capture(),
-                                session.model.get_output_embeddings(),
-                                logit_softcap(session.model), db, grid, config.tokens,
-                                stride=stride, seed=config.seed)
+            fitness = KLFitness(session.runner, session.capture(), lm_head, softcap, db, grid,
+                                config.tokens, stride=stride, seed=config.seed, loader=loader)
+            held = None
+            if heldout is not None:  # its dense reference now, while the model is dense
+                acts = session.heldout_capture(*heldout, holdout)
+                held = KLFitness(session.runner, acts, lm_head, softcap, db, grid,
+                                 [acts.num_tokens], stride=stride, loader=loader)
             result = evolve(grid, fitness, config, on_generation=tick)
+            chosen = len(result.trajectory) - 1
+            if held is not None:
+                chosen, check = held_out_choice(result, held, num_checkpoints)
+                check["corpus"] = f"{heldout[0]}:{heldout[1]}"
+                check["chosen_generation"] = result.trajectory[chosen][0]
     finally:
         bar.close()
         session.model.to("cpu")
         session.restore_dense()
     search_seconds = time.perf_counter() - t1
-    sparsity = check_budget(grid, result.levels, target, weights)
+    generation, levels, final = result.trajectory[chosen]
+    sparsity = check_budget(grid, levels, target, weights)
     record = {
         "fitness": FITNESS,
         "start_block_sparsity": list(grid.start),
         "start_fitness": result.start_fitness,
-        "final_fitness": result.fitness,
-        "relative_improvement": ((result.start_fitness - result.fitness)
+        "final_fitness": final,
+        "relative_improvement": ((result.start_fitness - final)
                                  / result.start_fitness if result.start_fitness > 0 else 0.0),
         "fitness_curve": result.curve,
         "improved_generations": result.improved_generations,
-        "levels": list(result.levels),
+        "chosen_generation": generation,
+        "last_fitness": result.fitness,
+        "holdout": check,
+        "levels": list(levels),
         "level_sparsity_step": list(grid.delta),
         "level_range": [list(grid.kmin), list(grid.kmax)],
         "config": asdict(config) | {"stride": stride},
@@ -126,3 +156,21 @@ def search_allocation(session: Session, start: list[float], target: float,
         "pattern": str(pat),
     }
     return SearchOutcome(block_sparsity=sparsity, record=record)
+
+
+def held_out_choice(result: SearchResult, held: KLFitness,
+                    wanted: int) -> tuple[int, dict]:
+    """Score up to ``wanted`` trajectory points on the held-out tokens; the index of the best
+    (ties: the earlier, closer to the start) and the record of the check."""
+    picks = checkpoints(len(result.trajectory), wanted)
+    points = [result.trajectory[i] for i in picks]
+    scores = held.kl_shared([levels for _, levels, _ in points], held.final_batches)
+    best = min(range(len(picks)), key=lambda j: (scores[j], j))
+    return picks[best], {
+        "tokens": held.tokens_per_stage[-1],
+        "checkpoints": [{"generation": g, "fitness": f, "holdout_kl": h}
+                        for (g, _, f), h in zip(points, scores, strict=True)],
+        "start_holdout_kl": scores[0],
+        "chosen_holdout_kl": scores[best],
+        "last_holdout_kl": scores[-1],
+    }

@@ -139,8 +139,11 @@ def plot_compare(rows: list[dict], path: str | Path, title: str = "") -> Path:
     return _save(fig, path)
 
 
-def plot_search(curves: dict[str, list[float]], path: str | Path, title: str = "") -> Path:
-    """Best fitness (KL against the dense model) after each generation, one line per search."""
+def plot_search(curves: dict[str, list[float]], path: str | Path, title: str = "",
+                checks: dict[str, dict] | None = None) -> Path:
+    """Best fitness (KL against the dense model) after each generation, one line per search;
+    with ``checks`` (a search's held-out record), its checkpoints' held-out KL on a second
+    axis and the returned generation as a dotted line."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, values in curves.items():
         ax.plot(range(len(values)), values, marker="o" if len(values) < 40 else None, ms=3,
@@ -149,7 +152,17 @@ def plot_search(curves: dict[str, list[float]], path: str | Path, title: str = "
     ax.set_ylabel("KL(dense || pruned), calibration tokens")
     ax.set_title(title or "evolutionary search")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper right")
+    checks = {k: v for k, v in (checks or {}).items() if v}
+    if checks:
+        ax2 = ax.twinx()
+        for name, check in checks.items():
+            points = check["checkpoints"]
+            ax2.plot([c["generation"] for c in points], [c["holdout_kl"] for c in points],
+                     "x--", color="tab:red", label=f"{name}: held-out ({check['tokens']} tokens)")
+            ax.axvline(check["chosen_generation"], color="tab:red", ls=":", lw=1)
+        ax2.set_ylabel("KL, held-out tokens", color="tab:red")
+        ax2.legend(loc="center right", fontsize=7)
     return _save(fig, path)
 
 

@@ -34,5 +34,5 @@ def write_search_outputs(run_dir: Path, allocations: list[dict], title: str = ""
                 "block_sparsity": rec["block_sparsity"]} | search
         paths.append(write_json(run_dir / f"{stem}.json", body))
         paths.append(plot_search({rec["spec"]: search["fitness_curve"]}, run_dir / f"{stem}.png",
-                                 title=title))
+                                 title=title, checks={rec["spec"]: search.get("holdout")}))
     return paths
