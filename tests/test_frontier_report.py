@@ -6,6 +6,7 @@ import pytest
 
 from sparsealloc.errors import UserError
 from sparsealloc.report.frontier import frontier, l1, render_frontier, spearman
+from sparsealloc.report.recommend import render_summary, summary
 from sparsealloc.report.tables import table
 
 PROTO = {"nsamples": 4, "seqlen": 16, "calib": "c4", "eval_seqlen": 16, "eval_tokens": 64,
@@ -91,3 +92,59 @@ def test_table_filters_rows_by_model_pruner_and_sparsity(tmp_path):
     text = table([str(path)], style="frontier", sparsity=0.5, pruner="wanda")
     assert text.count("**m, ") == 1 and "| uniform | 1 | 100.0 ± 0.0 |" in text
     assert table([str(path)], style="frontier", model="other") == ""
+
+
+def _two_settings():
+    """Two models x two seeds: uniform, 'a' (wins on m1, loses on m2), 'b' (small wins on
+    both) and owl+absorb probed with 4 sequences (1 seed) and 8 (2 seeds) on m1."""
+    ppl = {"m1": {"uniform": (100.0, 110.0), "a": (50.0, 55.0), "b": (90.0, 99.0)},
+           "m2": {"uniform": (200.0, 200.0), "a": (260.0, 240.0), "b": (190.0, 188.0)}}
+    recs = []
+    for model, rows in ppl.items():
+        for seed in (0, 1):
+            rs = [_row(name, vals[seed], [0.5, 0.5, 0.5, 0.5], seed)
+                  for name, vals in rows.items()]
+            if model == "m1":
+                rs.append(_row("owl+absorb", 80.0 + seed * 8.0, [0.5] * 4, seed,
+                               absorb_nsamples=8))
+                if seed == 0:
+                    rs.append(_row("owl+absorb", 10.0, [0.5] * 4, seed, absorb_nsamples=4))
+            rec = _record(rs, seed)
+            rec["model"] = model
+            recs.append((f"{model}-{seed}", rec))
+    return recs
+
+
+def test_summary_across_settings_by_hand():
+    result = summary(frontier(_two_settings()), defaults={"absorb_nsamples": 16})
+    assert result["settings"] == ["m1 wanda 50%", "m2 wanda 50%"]
+    rows = {r["label"]: r for r in result["rows"]}
+    # a: m1 -50% both seeds (se 0: not 'beyond 2 se' -- zero spread is not evidence),
+    # m2 +30% and +20% -> mean +25%
+    assert rows["a"]["changes"][0]["mean"] == pytest.approx(-0.5)
+    assert rows["a"]["changes"][1]["mean"] == pytest.approx(0.25)
+    assert rows["a"]["worst"] == pytest.approx(0.25) and rows["a"]["complete"]
+    # b: m1 -10%, -10%; m2 -5%, -6% (mean -5.5%, se 0.5%: beyond twice its se)
+    assert rows["b"]["changes"][1]["mean"] == pytest.approx(-0.055)
+    assert rows["b"]["changes"][1]["se"] == pytest.approx(0.005)
+    assert rows["b"]["beaten"] == 1 and rows["b"]["worst"] == pytest.approx(-0.1 + 0.045)
+    # the probe's sample size does not split a row: the 2-seed variant (-20%) counts
+    assert rows["owl+absorb"]["changes"][0]["n"] == 2
+    assert rows["owl+absorb"]["changes"][0]["mean"] == pytest.approx(-0.2)
+    assert not rows["owl+absorb"]["complete"] and rows["owl+absorb"]["changes"][1] is None
+    assert rows["uniform"]["worst"] == 0.0
+    assert result["recommended"] == "b"  # minimax: b's worst (-5.5%) beats uniform's 0, a's +25%
+    text = render_summary(result)
+    assert "Lowest worst-case change over every setting (the default to recommend): `b`." in text
+    assert "Beats uniform in every setting: none." in text
+    assert "| b | -10.0% ± 0.0% | -5.5% ± 0.5% * | 1/2 | -5.5% |" in text
+
+
+def test_table_frontier_adds_the_summary_with_several_settings(tmp_path):
+    paths = []
+    for name, rec in _two_settings():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(rec))
+        paths.append(str(path))
+    assert "Across settings" in table(paths, style="frontier")
+    assert "Across settings" not in table(paths, style="frontier", model="m1")

@@ -26,6 +26,7 @@ from ..errors import UserError, check
 from ..io import read_json
 from .frontier import frontier, render_frontier
 from .plots import plot_frontier
+from .recommend import render_summary, summary
 from .seeds import collect_seeds, render_seeds, summarise
 
 BASES = ("uniform", "owl", "alpha")
@@ -208,7 +209,10 @@ def table(paths: list[str], *, style: str = "grid", variant: dict | None = None,
         settings = frontier(records)
         if plot is not None:
             plot_frontier(settings, plot)
-        return render_frontier(settings, defaults)
+        text = render_frontier(settings, defaults)
+        if len(settings) > 1:
+            text += "\n\n" + render_summary(summary(settings, defaults))
+        return text
     check(plot is None, "--plot draws the frontier figure: use it with --style frontier")
     if style == "rows":
         return "\n".join(render_rows(path, rec) for path, rec in records)

@@ -1,0 +1,96 @@
+"""Across settings: which allocation to recommend.
+
+Each frontier setting (model, pruner, sparsity, protocol) gives every row a change against
+uniform, paired per seed (:mod:`.seeds`). Here the rows are matched across settings by their
+allocation spec and the options that change the method; options that only set a budget or a
+sample size (:data:`COST_OPTIONS`: probe sequences, search generations and tokens) do not
+split a row, so ``owl+absorb`` probed with 4 or 8 sequences is one allocation. Where a setting
+has both, the one with more seeds counts.
+
+An allocation *beats uniform* in a setting when its paired change is negative by more than
+twice its standard error (two seeds at least). The recommendation is the allocation measured
+in every setting whose worst change against uniform is the lowest (minimax: a default must not
+lose badly anywhere); uniform itself is a candidate with change 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .seeds import format_change, options_text
+
+COST_OPTIONS = frozenset({
+    "absorb_nsamples", "absorb_draws", "search_generations", "search_offspring",
+    "search_survivors", "search_tokens", "search_stride", "search_holdout",
+    "search_checkpoints", "search_seed",
+})
+
+
+def setting_name(s: dict) -> str:
+    return f"{s['model']} {s['pruner']} {s['target_sparsity']:.0%}" + (
+        f" {s['pattern']}" if s["pattern"] != "unstructured" else "")
+
+
+def _label(entry: dict, defaults: dict | None) -> str:
+    method = {k: v for k, v in entry["options"].items() if k not in COST_OPTIONS}
+    return entry["allocation"] + options_text(dict(entry, options=method), defaults)
+
+
+def beats_uniform(change: dict | None) -> bool:
+    """Negative paired change beyond twice its standard error."""
+    return bool(change and change.get("se") and change["mean"] < -2 * change["se"])
+
+
+def summary(settings: Sequence[dict], defaults: dict | None = None) -> dict:
+    """``{"settings": [names], "rows": [...], "recommended": label or None}``; each row has its
+    ``label``, per setting the paired change against uniform (``changes``, None where not
+    measured), ``beaten`` (settings where it beats uniform), ``worst`` (its largest change,
+    over the settings where it was measured) and ``complete`` (measured in every setting)."""
+    names = [setting_name(s) for s in settings]
+    table: dict[str, list[dict | None]] = {}
+    for i, s in enumerate(settings):
+        chosen: dict[str, dict] = {}
+        for e in s["rows"]:
+            label = _label(e, defaults)
+            if e["allocation"] == "uniform":
+                change = {"mean": 0.0, "se": None, "n": len(e["seeds"])}
+            else:
+                change = e.get("vs_uniform")
+            if change is None:
+                continue
+            if label not in chosen or change["n"] > chosen[label]["n"]:
+                chosen[label] = change
+        for label, change in chosen.items():
+            table.setdefault(label, [None] * len(settings))[i] = change
+    rows = []
+    for label, changes in table.items():
+        measured = [c for c in changes if c is not None]
+        rows.append({"label": label, "changes": changes,
+                     "beaten": sum(beats_uniform(c) for c in changes),
+                     "worst": max(c["mean"] for c in measured),
+                     "complete": len(measured) == len(settings)})
+    rows.sort(key=lambda r: (not r["complete"], r["worst"], r["label"]))
+    complete = [r for r in rows if r["complete"]]
+    return {"settings": names, "rows": rows,
+            "recommended": complete[0]["label"] if complete else None}
+
+
+def render_summary(result: dict) -> str:
+    """Markdown: one row per allocation, one column per setting, and the recommendation."""
+    names = result["settings"]
+    lines = ["**Across settings** (change against uniform, paired per seed; `*`: beyond twice "
+             "its standard error)", "",
+             "| allocation | " + " | ".join(names) + " | beats uniform | worst |",
+             "|---|" + "---|" * len(names) + "---|---|"]
+    for r in result["rows"]:
+        cells = ["-" if c is None else ("0" if r["label"] == "uniform" else format_change(c))
+                 for c in r["changes"]]
+        lines.append(f"| {r['label']} | " + " | ".join(cells)
+                     + f" | {r['beaten']}/{len(names)} | {r['worst']:+.1%} |")
+    everywhere = [r["label"] for r in result["rows"] if r["beaten"] == len(names)]
+    lines += ["", "Beats uniform in every setting: "
+              + (", ".join(f"`{x}`" for x in everywhere) if everywhere else "none") + ".",
+              "Lowest worst-case change over every setting (the default to recommend): "
+              + (f"`{result['recommended']}`." if result["recommended"] else
+                 "no allocation was measured in every setting.")]
+    return "\n".join(lines)
