@@ -353,7 +353,8 @@ def test_allocate_writes_search_json_and_plot(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, args, catch_exceptions=True)
     assert res.exit_code == 0, res.output
     rec = json.loads((out / "search.json").read_text())
-    assert rec["holdout"]["tokens"] == 64 and rec["holdout"]["checkpoints"][0]["generation"] == 0
+    assert rec["holdout"]["tokens"] == 64 and rec["cost"]["holdout_seconds"] > 0
+    assert rec["holdout"]["checkpoints"][0]["generation"] == 0
     assert (out / "search.png").is_file()
     assert rec["allocation"] == "search:owl" and len(rec["fitness_curve"]) == 4
     full = json.loads((out / "allocation.json").read_text())

@@ -106,17 +106,21 @@ def search_allocation(session: Session, start: list[float], target: float,
         with session.timed("search"):
             fitness = KLFitness(session.runner, session.capture(), lm_head, softcap, db, grid,
                                 config.tokens, stride=stride, seed=config.seed, loader=loader)
-            held = None
+            held, held_seconds = None, 0.0
             if heldout is not None:  # its dense reference now, while the model is dense
+                t2 = time.perf_counter()
                 acts = session.heldout_capture(*heldout, holdout)
                 held = KLFitness(session.runner, acts, lm_head, softcap, db, grid,
                                  [acts.num_tokens], stride=stride, loader=loader)
+                held_seconds = time.perf_counter() - t2
             result = evolve(grid, fitness, config, on_generation=tick)
             chosen = len(result.trajectory) - 1
             if held is not None:
+                t2 = time.perf_counter()
                 chosen, check = held_out_choice(result, held, num_checkpoints)
                 check["corpus"] = f"{heldout[0]}:{heldout[1]}"
                 check["chosen_generation"] = result.trajectory[chosen][0]
+                check["seconds"] = held_seconds + time.perf_counter() - t2
     finally:
         bar.close()
         session.model.to("cpu")
@@ -144,7 +148,8 @@ def search_allocation(session: Session, start: list[float], target: float,
         "final_stage_batches": fitness.final_batches,
         "cost": {
             "database_seconds": db_seconds,
-            "search_seconds": search_seconds,
+            "search_seconds": search_seconds,  # the held-out check included
+            "holdout_seconds": check["seconds"] if check else 0.0,
             "database_entries_built": db.built,
             "database_entries_reused": db.reused,
             "database_bytes": db.bytes,
