@@ -148,3 +148,7 @@ def test_table_frontier_adds_the_summary_with_several_settings(tmp_path):
         paths.append(str(path))
     assert "Across settings" in table(paths, style="frontier")
     assert "Across settings" not in table(paths, style="frontier", model="m1")
+    only = table(paths, style="recommend")
+    assert only.startswith("**Across settings**") and "m1 wanda 50%" in only
+    assert only == render_summary(summary(frontier([(p, json.loads(open(p).read()))
+                                                    for p in paths])))

@@ -439,7 +439,10 @@ def table(
                      "seeds: every row's mean ± sd over calibration seeds and its paired "
                      "changes (vs uniform, +absorb vs base) with standard errors; frontier: "
                      "seeds plus each row's L1 distance from the setting's search row and the "
-                     "Spearman of each correction's shift against search minus its base")] =
+                     "Spearman of each correction's shift against search minus its base "
+                     "(several settings: with the across-settings summary); recommend: only "
+                     "that summary (each allocation against uniform in every setting, the "
+                     "lowest worst case)")] =
     "grid",
     mode: Annotated[str, typer.Option(help="grid: absorb_mode of the +absorb rows")] = "prune",
     final: Annotated[str, typer.Option(help="grid: absorb_final of the +absorb rows")] = "last",
@@ -450,7 +453,7 @@ def table(
     all_settings: Annotated[bool, typer.Option(
         "--all", help="grid: also settings without a +absorb row (baselines only)")] = False,
     plot: Annotated[Path | None, typer.Option(
-        help="frontier: also draw every setting's allocations to this PNG")] = None,
+        help="frontier, recommend: also draw every setting's allocations to this PNG")] = None,
     only_model: Annotated[str | None, typer.Option(
         "--model", help="only the rows of this model")] = None,
     only_pruner: Annotated[str | None, typer.Option(

@@ -205,21 +205,24 @@ def table(paths: list[str], *, style: str = "grid", variant: dict | None = None,
     seeds summary, or the frontier (with ``plot``: its allocations figure too), over the rows
     of ``model``, ``pruner`` and ``sparsity`` when given."""
     records = only(read_records(paths), model, pruner, sparsity)
-    if style == "frontier":
+    if style in ("frontier", "recommend"):
         settings = frontier(records)
         if plot is not None:
             plot_frontier(settings, plot)
+        if style == "recommend":
+            return render_summary(summary(settings, defaults))
         text = render_frontier(settings, defaults)
         if len(settings) > 1:
             text += "\n\n" + render_summary(summary(settings, defaults))
         return text
-    check(plot is None, "--plot draws the frontier figure: use it with --style frontier")
+    check(plot is None, "--plot draws the frontier figure: use it with --style frontier or "
+          "recommend")
     if style == "rows":
         return "\n".join(render_rows(path, rec) for path, rec in records)
     if style == "seeds":
         return render_seeds(summarise(collect_seeds(records)), defaults)
     if style != "grid":
-        raise UserError(f"--style must be grid, rows, seeds or frontier (got {style!r})")
+        raise UserError(f"--style must be grid, rows, seeds, frontier or recommend (got {style!r})")
     warnings: list[str] = []
     groups = collect(records, variant or {}, defaults or {}, warnings)
     return "\n".join([*warnings, render_grid(groups, all_groups)])
