@@ -53,8 +53,7 @@ class LevelLoader:
     """Puts level vectors' weights into the model, rewriting only the blocks that change.
 
     One loader per model: every :class:`KLFitness` on the same model shares it, so none of
-    them trusts a stale idea of what the model holds. :meth:`forget` after the weights were
-    changed behind its back (e.g. the dense ones restored).
+    them trusts a stale idea of what the model holds.
     """
 
     def __init__(self, arch: Architecture, db: LevelDatabase, grid: LevelGrid) -> None:
@@ -62,9 +61,6 @@ class LevelLoader:
         self.db = db
         self.grid = grid
         self.loaded: list[int | None] = [None] * arch.num_blocks
-
-    def forget(self) -> None:
-        self.loaded = [None] * self.arch.num_blocks
 
     @torch.no_grad()
     def load(self, levels: Levels) -> None:

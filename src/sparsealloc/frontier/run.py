@@ -119,7 +119,6 @@ def search_allocation(session: Session, start: list[float], target: float,
                 t2 = time.perf_counter()
                 chosen, check = held_out_choice(result, held, num_checkpoints)
                 check["corpus"] = f"{heldout[0]}:{heldout[1]}"
-                check["chosen_generation"] = result.trajectory[chosen][0]
                 check["seconds"] = held_seconds + time.perf_counter() - t2
     finally:
         bar.close()
@@ -177,5 +176,6 @@ def held_out_choice(result: SearchResult, held: KLFitness,
                         for (g, _, f), h in zip(points, scores, strict=True)],
         "start_holdout_kl": scores[0],
         "chosen_holdout_kl": scores[best],
+        "chosen_generation": points[best][0],
         "last_holdout_kl": scores[-1],
     }

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .seeds import format_change, options_text
+from .seeds import format_change, options_text, significant
 
 COST_OPTIONS = frozenset({
     "absorb_nsamples", "absorb_draws", "search_generations", "search_offspring",
@@ -38,7 +38,7 @@ def _label(entry: dict, defaults: dict | None) -> str:
 
 def beats_uniform(change: dict | None) -> bool:
     """Negative paired change beyond twice its standard error."""
-    return bool(change and change.get("se") and change["mean"] < -2 * change["se"])
+    return significant(change) and change["mean"] < 0
 
 
 def summary(settings: Sequence[dict], defaults: dict | None = None) -> dict:

@@ -112,12 +112,17 @@ def summarise_one(groups: dict[tuple, dict[int, float]], key: tuple) -> dict:
     return entry
 
 
+def significant(c: dict | None) -> bool:
+    """A paired change larger than twice its (nonzero) standard error."""
+    return bool(c and c.get("se") and abs(c["mean"]) > 2 * c["se"])
+
+
 def format_change(c: dict | None) -> str:
     """``+x.x% ± y.y%`` (``*``: beyond twice its standard error), ``-`` when absent."""
     if not c:
         return "-"
     se = f" ± {c['se']:.1%}" if c.get("se") is not None else ""
-    flag = " *" if c.get("se") and abs(c["mean"]) > 2 * c["se"] else ""
+    flag = " *" if significant(c) else ""
     return f"{c['mean']:+.1%}{se}{flag}"
 
 
