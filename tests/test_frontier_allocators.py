@@ -325,3 +325,35 @@ def test_prune_with_lsa_through_the_cli(tmp_path):
     assert rec["allocation"] == "lsa"
     assert rec["measured_sparsity"] == pytest.approx(0.6, abs=0.03)  # rows of 32: rounding
     assert rec["allocation_details"]["options"]["lsa_alpha_used"] == 0.1
+
+
+@pytest.mark.parametrize(("tried", "chosen", "limit", "expect"), [
+    ([0.0, 0.08, 0.16, 0.24, 0.32], 0.32, 0.6, [0.4, 0.48, 0.56]),  # at the end: three steps on
+    ([0.0, 0.08, 0.16, 0.24, 0.32], 0.32, 0.45, [0.4]),  # only what stays below the limit
+    ([0.0, 0.08, 0.16, 0.24, 0.32], 0.24, 0.6, []),  # inside the grid: nothing to add
+    ([0.0, 0.1], 0.0, 0.6, []),  # uniform chosen: no advice
+    ([0.2], 0.2, 0.6, []),  # one value: no step to extend by
+])
+def test_beyond_the_grid(tried, chosen, limit, expect):
+    curve = [{"span": x} for x in tried]
+    assert tuning.beyond_the_grid(curve, "span", chosen, limit) == pytest.approx(expect)
+
+
+def test_linear_auto_at_the_end_of_its_grid_says_how_to_widen_it(tmp_path, monkeypatch):
+    folder, text = save_tiny(tmp_path)
+    held_out = (str(text), "eval")
+    monkeypatch.setattr(tuning, "tune_corpus", lambda calib: held_out)
+    monkeypatch.setattr(linear_mod, "tune_corpus", lambda calib: held_out)
+    # the steepest slope scores best, so the choice lies at the grid's end
+    monkeypatch.setattr(linear_mod, "choose_on_tuning_slice", lambda session, label, cands, *a: (
+        cands[-1][0], [{label: value, "tune_ppl": 10.0 - i} for i, (value, _) in enumerate(cands)]))
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["prune", *_common(folder, text), "--allocation", "linear:auto",
+                              "--linear-spans", "0.1,0.2", "--sparsity", "0.6", "--ppl", str(text),
+                              "--eval-tokens", "256", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    advice = ("linear:auto chose the largest span it tried (0.2); a larger one may be better: "
+              "try --linear-spans 0.3,0.4,0.5")
+    assert advice in res.output.replace("\n", " ")
+    rec = json.loads((out / "result.json").read_text())
+    assert rec["allocation_details"]["options"]["advice"] == [advice]

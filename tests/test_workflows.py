@@ -167,6 +167,9 @@ def test_auto_gamma_searches_a_user_grid(monkeypatch):
                                       AllocationOptions(absorb_gamma="auto:0.05").of("absorb"))
     assert seen["grid"] == (0.0, 0.05)
     assert out.options["absorb_gamma_used"] == 0.05
+    assert out.options["advice"] == [  # the grid's largest gamma won: say how to widen it
+        "--absorb-gamma auto chose the largest gamma it tried (0.05); a larger one may be "
+        "better: try --absorb-gamma auto:0.1,0.15,0.2"]
     assert out.block_sparsity[0] < 0.5 < out.block_sparsity[2]  # amplifying block protected
     assert abs(sum(out.block_sparsity) / 3 - 0.5) < 1e-9
 

@@ -47,3 +47,15 @@ def choose_on_tuning_slice(session: Session, label: str,
     session.restore_dense()
     best = min(curve, key=lambda c: (c["tune_ppl"], abs(c[label])))
     return best[label], curve
+
+
+def beyond_the_grid(curve: Sequence[dict], label: str, chosen: float, limit: float) -> list[float]:
+    """Larger values worth trying when ``chosen`` is the largest one tried (and not 0): up to
+    three evenly spaced steps beyond it, kept below ``limit``. Empty when the choice is inside
+    the grid (or at its end with no room left)."""
+    tried = sorted(float(c[label]) for c in curve)
+    if len(tried) < 2 or chosen <= 0 or chosen < tried[-1]:
+        return []
+    step = tried[-1] - tried[-2]
+    return [round(chosen + k * step, 6) for k in (1, 2, 3) if chosen + k * step < limit - 1e-9]
+

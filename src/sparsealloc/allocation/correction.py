@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from ..tuning import choose_on_tuning_slice, tune_corpus
+from ..tuning import beyond_the_grid, choose_on_tuning_slice, tune_corpus
 from .budget import as_vector, check_target, check_weights, restore_budget
 from .registry import option, register_options
 
@@ -234,6 +234,12 @@ def apply_correction(session, alloc, opts: AbsorbOptions, pruner: str = "wanda",
     if curve is not None:
         options["gamma_curve"] = curve
         options["gamma_tuned_on"] = "/".join(tune_corpus(session.protocol.calib))
+        wider = beyond_the_grid(curve, "gamma", float(gamma), 1.0)
+        if wider:
+            grid = ",".join(f"{x:g}" for x in wider)
+            options["advice"] = list(alloc.options.get("advice", [])) + [
+                f"--absorb-gamma auto chose the largest gamma it tried ({float(gamma):g}); a "
+                f"larger one may be better: try --absorb-gamma auto:{grid}"]
     return replace(alloc, block_sparsity=corrected(session, base, r, float(gamma),
                                                    alloc.target_sparsity, opts),
                    base_block_sparsity=base, absorption=r, options=options)

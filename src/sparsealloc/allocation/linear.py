@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from ..tuning import choose_on_tuning_slice, tune_corpus
+from ..tuning import beyond_the_grid, choose_on_tuning_slice, tune_corpus
 from .budget import check_target, restore_budget
 from .registry import AllocationContext, Allocator, Base, option, register
 
@@ -57,9 +57,14 @@ class LinearOptions:
                             f"{','.join(map(str, self.spans))})")
 
 
+def span_limit(target: float) -> float:
+    """ATP's largest total span: no block's sparsity below 0 or above 1 before clipping."""
+    return 2.0 * min(target, 1.0 - target)
+
+
 def linear_auto_betas(num_blocks: int, target: float, spans: Sequence[float]) -> list[float]:
     """Slopes ``linear:auto`` tries: ``span / (L-1)`` for 0 and each span within ATP's limit."""
-    limit = 2.0 * min(target, 1.0 - target)
+    limit = span_limit(target)
     kept = sorted({0.0} | {float(x) for x in spans if 0.0 <= float(x) <= limit + 1e-12})
     return [x / max(num_blocks - 1, 1) for x in kept]
 
@@ -97,4 +102,9 @@ class Linear(Allocator):
         record = {"linear_beta_used": beta, "linear_span_used": beta * (L - 1),
                   "beta_curve": curve,
                   "beta_tuned_on": "/".join(tune_corpus(ctx.session.protocol.calib))}
+        wider = beyond_the_grid(curve, "span", beta * (L - 1), span_limit(target))
+        if wider:
+            record["advice"] = [
+                f"linear:auto chose the largest span it tried ({beta * (L - 1):g}); a larger one "
+                f"may be better: try --linear-spans {','.join(f'{x:g}' for x in wider)}"]
         return Base(linear_allocation(L, target, beta, weights=w).tolist(), record=record)

@@ -27,9 +27,13 @@ from .common import (
 
 
 def allocate_row(session: Session, row: RowSpec) -> Allocation:
-    """The row's allocation (its allocator, options and modifiers) on this session."""
-    return compute_allocation(session, row.allocation, row.target, row.options, row.pruner,
-                              row.pattern_text)
+    """The row's allocation (its allocator, options and modifiers) on this session; prints the
+    advice its tuning left (a choice at the end of its grid)."""
+    alloc = compute_allocation(session, row.allocation, row.target, row.options, row.pruner,
+                               row.pattern_text)
+    for line in alloc.options.get("advice", []):
+        warn(f"row '{row.label or row.allocation}': {line}")
+    return alloc
 
 
 def prune_row(session: Session, row: RowSpec, alloc: Allocation) -> dict:
