@@ -152,3 +152,14 @@ def test_table_frontier_adds_the_summary_with_several_settings(tmp_path):
     assert only.startswith("**Across settings**") and "m1 wanda 50%" in only
     assert only == render_summary(summary(frontier([(p, json.loads(open(p).read()))
                                                     for p in paths])))
+
+
+def test_the_reference_is_the_best_of_several_searches():
+    second = _row("search:owl", 45.0, [0.3, 0.6, 0.5, 0.6], 0, owl_m=5, search_generations=3)
+    records = [("a", _record(RECORDS[0][1]["rows"] + [second])), RECORDS[1]]
+    (setting,) = frontier(records)
+    assert setting["search"] == "search:owl"  # 45 beats the plain search's 50
+    rows = {e["allocation"]: e for e in setting["rows"]}
+    assert rows["search:owl"]["searched_reference"] and not rows["search"]["searched_reference"]
+    # uniform against (.3, .6, .5, .6): .2 + .1 + 0 + .1
+    assert rows["uniform"]["l1_from_search"] == pytest.approx(0.4)

@@ -1,13 +1,14 @@
 """The frontier table: every row against a searched allocation of the same setting.
 
-A setting is a model, pruner, target sparsity, pattern and protocol (seed aside). Its
-reference is the row whose allocation spec starts with ``search`` (the EvoPress-style search;
-one seed is enough). For every row of the setting: its perplexity over seeds and paired
-changes (:mod:`.seeds`), the L1 distance of its allocation (mean over its seeds) from the
-searched one, ``sum_l |s_l - s*_l|``, and, for an ``+absorb`` row, the Spearman rank
+A setting is a model, pruner, target sparsity, pattern and protocol (seed aside). Its reference
+is the row whose allocation spec starts with ``search`` (the EvoPress-style search; one seed is
+enough); of several searched rows (other starts, budgets or options), the one of lowest mean
+perplexity, the best allocation found. For every row of the setting: its perplexity over seeds
+and paired changes (:mod:`.seeds`), the L1 distance of its allocation (mean over its seeds)
+from the searched one, ``sum_l |s_l - s*_l|``, and, for an ``+absorb`` row, the Spearman rank
 correlation over blocks between the correction's shift (``+absorb`` minus its base) and the
-searched allocation minus the same base: positive when the correction moves the base toward
-the searched optimum, block by block.
+searched allocation minus the same base: positive when the correction moves the base toward the
+searched optimum, block by block.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def frontier(records: list[tuple[str, dict]]) -> list[dict]:
     out = []
     for setting, keys in settings.items():
         searched = sorted((k for k in keys if k[4].startswith("search")),
-                          key=lambda k: (k[4] != "search", k[4], k[5]))
+                          key=lambda k: (math.fsum(ppl[k].values()) / len(ppl[k]),
+                                         k[4] != "search", k[4], str(k[5])))
         reference = mean_allocation(allocs[searched[0]]) if searched and searched[0] in allocs \
             else None
         rows = []
