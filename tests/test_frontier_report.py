@@ -163,3 +163,17 @@ def test_the_reference_is_the_best_of_several_searches():
     assert rows["search:owl"]["searched_reference"] and not rows["search"]["searched_reference"]
     # uniform against (.3, .6, .5, .6): .2 + .1 + 0 + .1
     assert rows["uniform"]["l1_from_search"] == pytest.approx(0.4)
+
+
+def test_spearman_is_marked_when_the_search_started_from_the_row():
+    searched = _row("search:owl+absorb", 40.0, [0.2, 0.5, 0.6, 0.7], 0, owl_m=5,
+                    absorb_gamma=0.1, search_generations=3)
+    records = [("a", _record(RECORDS[0][1]["rows"][:3] + [searched])), RECORDS[1]]
+    (setting,) = frontier(records)
+    rows = {e["allocation"]: e for e in setting["rows"]}
+    assert rows["owl+absorb"]["search_started_here"]
+    text = render_frontier([setting])
+    assert "† |" in text and "not an independent test" in text
+    (plain,) = frontier(RECORDS)  # a search from uniform: no mark, no footnote
+    assert not {e["allocation"]: e for e in plain["rows"]}["owl+absorb"]["search_started_here"]
+    assert "†" not in render_frontier([plain])

@@ -13,6 +13,7 @@ searched optimum, block by block.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 
@@ -75,6 +76,16 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     return None if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
 
 
+def started_from(search_key: tuple, key: tuple) -> bool:
+    """Did the search ``search_key`` start from the row ``key`` (``search:SPEC`` with the row's
+    spec and options)? Then search minus the row's base contains the row's shift by
+    construction, and the Spearman of that row is not an independent test."""
+    if search_key[4] != f"search:{key[4]}":
+        return False
+    mine, theirs = json.loads(key[5]), json.loads(search_key[5])
+    return all(theirs.get(o) == v for o, v in mine.items())
+
+
 def _setting(key: tuple) -> tuple:
     return key[:4] + (key[6],)
 
@@ -110,6 +121,7 @@ def frontier(records: list[tuple[str, dict]]) -> list[dict]:
                     entry["spearman_to_search"] = spearman(
                         [a - b for a, b in zip(alloc, base_alloc, strict=True)],
                         [r - b for r, b in zip(reference, base_alloc, strict=True)])
+                    entry["search_started_here"] = started_from(searched[0], key)
             rows.append(entry)
         model, pruner, target, pattern, proto = setting
         out.append({"model": model, "pruner": pruner, "target_sparsity": target,
@@ -134,11 +146,15 @@ def render_frontier(settings: list[dict], defaults: dict | None = None) -> str:
         for e in sorted(s["rows"], key=lambda e: e["ppl_mean"]):
             rho = e.get("spearman_to_search")
             dist = e.get("l1_from_search")
+            mark = " †" if e.get("search_started_here") else ""
             lines.append(
                 f"| {e['allocation']}{options_text(e, defaults)} | {len(e['seeds'])} | "
                 f"{e['ppl_mean']:.1f} ± {e['ppl_sd']:.1f} | {format_change(e.get('vs_uniform'))}"
                 f" | {format_change(e.get('vs_base'))} | "
                 f"{'-' if dist is None else f'{dist:.2f}'} | "
-                f"{'-' if rho is None else f'{rho:+.2f}'} |")
+                f"{'-' if rho is None else f'{rho:+.2f}'}{mark} |")
+        if any(e.get("search_started_here") for e in s["rows"]):
+            lines += ["", "† the search started from this row's allocation, so search - base "
+                      "contains the row's own shift: not an independent test."]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
