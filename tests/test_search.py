@@ -25,7 +25,14 @@ from sparsealloc.allocation.search import (
 from sparsealloc.blockwise import prune_block
 from sparsealloc.cli import app
 from sparsealloc.errors import UserError
-from sparsealloc.frontier import KLFitness, LevelDatabase, build_database, pack_mask, unpack_mask
+from sparsealloc.frontier import (
+    KLFitness,
+    LevelDatabase,
+    build_database,
+    database,
+    pack_mask,
+    unpack_mask,
+)
 from sparsealloc.frontier import run as search_run
 from sparsealloc.frontier.fitness import logit_softcap
 from sparsealloc.frontier.run import held_out_choice
@@ -381,3 +388,22 @@ def test_compare_with_search_rows_writes_each_search(tmp_path):
     for name, row in zip(("search-search", "search-search-2"), searched, strict=True):
         rec = json.loads((out / f"{name}.json").read_text())
         assert rec["block_sparsity"] == row["block_sparsity"] and (out / f"{name}.png").is_file()
+
+
+def test_database_refuses_to_fill_the_disk(tmp_path, monkeypatch):
+    s = _session(tmp_path)
+    s.restore_dense()
+    free = {"bytes": 10 << 30}
+    monkeypatch.setattr(database.shutil, "disk_usage",
+                        lambda path: type("U", (), {"free": free["bytes"]})())
+    p, pat = get_pruner("sparsegpt"), parse_pattern("unstructured")
+    wanted = [[0.3, 0.5]] * s.arch.num_blocks
+    free["bytes"] = database.SPACE_MARGIN + 1000  # less than the five entries still to build
+    with pytest.raises(UserError, match=r"database needs about .* KiB more .*--search-levels 2"):
+        build_database(LevelDatabase(tmp_path / "db", s.dense_weights), s.runner, s.capture, p,
+                       pat, wanted)
+    assert len(list((tmp_path / "db").glob("*.pt"))) == 1  # the measured entry, complete
+    free["bytes"] = 10 << 30  # room again: the next run reuses that entry and builds the rest
+    db = LevelDatabase(tmp_path / "db", s.dense_weights)
+    build_database(db, s.runner, s.capture, p, pat, wanted)
+    assert (db.reused, db.built) == (1, 2 * s.arch.num_blocks - 1)

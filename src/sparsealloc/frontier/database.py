@@ -16,6 +16,7 @@ memory.
 from __future__ import annotations
 
 import copy
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserError
 from ..io import atomic_write
 from ..pruners.base import Pruner
 from ..pruners.masks import Pattern
@@ -81,6 +83,7 @@ class LevelDatabase:
         self.built = 0
         self.reused = 0
         self.bytes = 0
+        self.last_bytes = 0  # size of the entry put last
 
     @staticmethod
     def key(sparsity: float) -> str:
@@ -99,7 +102,8 @@ class LevelDatabase:
 
     def put(self, index: int, sparsity: float, entry: Entry) -> None:
         self.built += 1
-        self.bytes += entry_bytes(entry)
+        self.last_bytes = entry_bytes(entry)
+        self.bytes += self.last_bytes
         path = self._path(index, sparsity)
         if path is not None:
             atomic_write(path, lambda p: torch.save(entry, p))
@@ -149,6 +153,35 @@ def _prune_levels(db: LevelDatabase, index: int, sparsities: list[float], pruner
         db.put(index, s, entry)
 
 
+SPACE_MARGIN = 1 << 30
+"""Free space the database always leaves on its disk (bytes)."""
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def check_space(db: LevelDatabase, entry_size: int, entries_left: int) -> None:
+    """Refuse to go on when the entries still to build (each about ``entry_size`` bytes, the
+    size of the first one built: blocks have the same shapes) would not fit on the database's
+    disk, leaving :data:`SPACE_MARGIN` free. Entries already written stay valid and are reused
+    by the next run."""
+    if db.folder is None or entries_left <= 0:
+        return
+    need = entry_size * entries_left
+    free = shutil.disk_usage(db.folder).free
+    if need + SPACE_MARGIN > free:
+        raise UserError(
+            f"the search's level database needs about {_size(need)} more under "
+            f"{db.folder} ({entries_left} entries of {_size(entry_size)}) but "
+            f"{_size(free)} is free; free some space, point SPARSEALLOC_CACHE at a "
+            "larger disk, or use fewer levels (--search-levels 2)")
+
+
 def build_database(db: LevelDatabase, runner: BlockRunner, acts: Callable[[], Activations],
                    pruner: Pruner, pattern: Pattern, wanted: list[list[float]],
                    desc: str = "search database") -> None:
@@ -171,10 +204,20 @@ def build_database(db: LevelDatabase, runner: BlockRunner, acts: Callable[[], Ac
         return
     arch = runner.arch
     first = next(iter(db.dense(0).values()))
+    left = sum(len(todo) for todo in missing)
+
+    def prune_levels(index: int, stats: dict[str, object]) -> None:
+        todo = missing[index]
+        if db.built == 0:  # the first entry's size tells what the rest will take
+            _prune_levels(db, index, todo[:1], pruner, pattern, stats, runner.device)
+            check_space(db, db.last_bytes, left - 1)
+            todo = todo[1:]
+        _prune_levels(db, index, todo, pruner, pattern, stats, runner.device)
+
     if pruner.make_stats(_proxy(first[:1], torch.device("cpu"))) is None:  # data-free
         for index, todo in enumerate(missing):
-            stats = dict.fromkeys(arch.linear_names[index])
-            _prune_levels(db, index, todo, pruner, pattern, stats, runner.device)
+            if todo:
+                prune_levels(index, dict.fromkeys(arch.linear_names[index]))
         return
     last = max(i for i, todo in enumerate(missing) if todo)
     state = acts()
@@ -185,6 +228,6 @@ def build_database(db: LevelDatabase, runner: BlockRunner, acts: Callable[[], Ac
             stats = {n: pruner.make_stats(_proxy(dense[n][:1], runner.device)) for n in linears}
             with collect_inputs(linears, stats):
                 runner.pass_block(index, state)
-            _prune_levels(db, index, missing[index], pruner, pattern, stats, runner.device)
+            prune_levels(index, stats)
         if index == last:
             break
