@@ -116,3 +116,47 @@ def hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def _tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def cache_usage(part: str = "") -> list[tuple[str, int]]:
+    """``(name, bytes)`` of every entry one level below ``part`` of the cache (its top-level
+    folders by default), largest first."""
+    folder = cache_part(part)
+    if not folder.is_dir():
+        return []
+    items = [(str(p.relative_to(cache_root())), _tree_bytes(p)) for p in folder.iterdir()]
+    return sorted(items, key=lambda item: (-item[1], item[0]))
+
+
+def cache_part(part: str) -> Path:
+    """``part`` (e.g. ``search_db/smollm2-135m``) inside the cache, refused outside it."""
+    root = cache_root().resolve()
+    path = (root / part).resolve() if part else root
+    if path != root and root not in path.parents:
+        raise UserError(f"'{part}' is not inside the cache ({root}); name a folder of it, "
+                        "e.g. search_db")
+    return path
+
+
+def clear_cache(part: str) -> int:
+    """Remove ``part`` of the cache (a folder or file below the root, never the root itself);
+    returns the bytes freed."""
+    path = cache_part(part)
+    if path == cache_root().resolve():
+        raise UserError("--clear needs a part of the cache, e.g. --clear search_db; "
+                        f"to remove all of it, delete {path}")
+    if not path.exists():
+        raise UserError(f"nothing named '{part}' in the cache ({cache_root()}); "
+                        "`sparsealloc cache` lists what is there")
+    freed = _tree_bytes(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    return freed

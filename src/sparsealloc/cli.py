@@ -16,6 +16,7 @@ import typer
 from .allocation import AllocationOptions
 from .allocation.correction import parse_gamma
 from .allocation.registry import allocation_choices, option_fields
+from .cache import cache_part, cache_root, cache_usage, clear_cache
 from .data.tasks import validate_task_names
 from .errors import UserError
 from .jobs.allocate import run_allocate
@@ -281,6 +282,28 @@ def models(verify: Annotated[bool, typer.Option(
     Console(width=200).print(table)
     if any(m.get("problem") not in (None, UNVERIFIABLE) for m in rows):
         raise typer.Exit(1)
+
+
+@app.command()
+def cache(
+    part: Annotated[str, typer.Argument(help="a folder of the cache to list, e.g. search_db")]
+    = "",
+    clear: Annotated[str | None, typer.Option(
+        help="remove this part of the cache, e.g. search_db or search_db/smollm2-135m")] = None,
+) -> None:
+    """Show what the cache ($SPARSEALLOC_CACHE) holds, by size, or remove a part of it (search
+    databases, probe coefficients and spectra are rebuilt when needed)."""
+    if clear is not None:
+        freed = clear_cache(clear)
+        typer.echo(f"removed {cache_root() / clear} ({freed / 2**20:.1f} MiB)")
+        return
+    items = cache_usage(part)
+    if not items:
+        typer.echo(f"{cache_part(part)}: empty")
+        return
+    for name, size in items:
+        typer.echo(f"{size / 2**20:12.1f} MiB  {name}")
+    typer.echo(f"{sum(s for _, s in items) / 2**20:12.1f} MiB  total under {cache_part(part)}")
 
 
 @app.command()
