@@ -7,6 +7,7 @@ import pytest
 from sparsealloc.errors import UserError
 from sparsealloc.report.frontier import frontier, l1, render_frontier, spearman
 from sparsealloc.report.recommend import render_summary, summary
+from sparsealloc.report.seeds import row_labels
 from sparsealloc.report.tables import table
 
 PROTO = {"nsamples": 4, "seqlen": 16, "calib": "c4", "eval_seqlen": 16, "eval_tokens": 64,
@@ -177,3 +178,19 @@ def test_spearman_is_marked_when_the_search_started_from_the_row():
     (plain,) = frontier(RECORDS)  # a search from uniform: no mark, no footnote
     assert not {e["allocation"]: e for e in plain["rows"]}["owl+absorb"]["search_started_here"]
     assert "†" not in render_frontier([plain])
+
+
+def test_rows_that_would_read_the_same_show_how_they_differ():
+    defaults = {"search_generations": 400, "search_holdout": 8192}
+    old = {"allocation": "search", "options": {"search_generations": 3}}
+    new = {"allocation": "search", "options": {"search_generations": 3, "search_holdout": 8192}}
+    other = {"allocation": "owl", "options": {"owl_m": 5}}
+    assert row_labels([old, new, other], defaults) == [
+        "search (search_generations=3; search_holdout=absent)",
+        "search (search_generations=3; search_holdout=8192)",
+        "owl",
+    ]
+    # an option without a default tells two rows apart too
+    a = {"allocation": "owl", "options": {"note": 1}}
+    b = {"allocation": "owl", "options": {"note": 2}}
+    assert row_labels([a, b], defaults) == ["owl (note=1)", "owl (note=2)"]

@@ -22,7 +22,7 @@ from .seeds import (
     base_of,
     collect_seeds,
     format_change,
-    options_text,
+    row_labels,
     seeded_rows,
     sibling,
     summarise_one,
@@ -143,12 +143,13 @@ def render_frontier(settings: list[dict], defaults: dict | None = None) -> str:
         lines = [head, "", "| allocation | seeds | ppl mean ± sd | vs uniform (paired) | "
                  "+absorb vs base (paired) | L1 from search | Spearman(shift, search - base) |",
                  "|---|---|---|---|---|---|---|"]
-        for e in sorted(s["rows"], key=lambda e: e["ppl_mean"]):
+        ordered = sorted(s["rows"], key=lambda e: e["ppl_mean"])
+        for e, label in zip(ordered, row_labels(ordered, defaults), strict=True):
             rho = e.get("spearman_to_search")
             dist = e.get("l1_from_search")
             mark = " †" if e.get("search_started_here") else ""
             lines.append(
-                f"| {e['allocation']}{options_text(e, defaults)} | {len(e['seeds'])} | "
+                f"| {label} | {len(e['seeds'])} | "
                 f"{e['ppl_mean']:.1f} ± {e['ppl_sd']:.1f} | {format_change(e.get('vs_uniform'))}"
                 f" | {format_change(e.get('vs_base'))} | "
                 f"{'-' if dist is None else f'{dist:.2f}'} | "

@@ -135,6 +135,32 @@ def options_text(entry: dict, defaults: dict | None) -> str:
     return f" ({', '.join(diff)})" if diff else ""
 
 
+def row_labels(entries: list[dict], defaults: dict | None) -> list[str]:
+    """Each entry's allocation and :func:`options_text`; rows that would read the same (one
+    recorded an option the other predates, or differs only in an option without a default) also
+    show the options in which they differ (``key=absent`` where a row lacks one)."""
+    labels = [e["allocation"] + options_text(e, defaults) for e in entries]
+    groups: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        groups.setdefault(label, []).append(i)
+    out = list(labels)
+    for label, members in groups.items():
+        if len(members) < 2:
+            continue
+        keys = sorted({k for i in members for k in entries[i]["options"]})
+        differ = [k for k in keys if any(
+            k not in entries[i]["options"] or k not in entries[members[0]]["options"]
+            or not _same(entries[i]["options"][k], entries[members[0]]["options"][k])
+            for i in members)]
+        for i in members:
+            opts = entries[i]["options"]
+            extra = ", ".join(f"{k}={opts[k] if k in opts else 'absent'}" for k in differ)
+            if extra:
+                out[i] = (label[:-1] + f"; {extra})") if label.endswith(")") \
+                    else f"{label} ({extra})"
+    return out
+
+
 def _same(a, b) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return math.isclose(float(a), float(b), rel_tol=1e-9)
@@ -149,11 +175,11 @@ def render_seeds(entries: list[dict], defaults: dict | None = None) -> str:
     from them are shown next to its allocation."""
     lines = ["| model | pruner | sparsity | allocation | seeds | ppl mean ± sd | vs uniform "
              "(paired) | +absorb vs base (paired) |", "|---|---|---|---|---|---|---|---|"]
-    for e in entries:
+    for e, label in zip(entries, row_labels(entries, defaults), strict=True):
         lines.append(
             f"| {e['model']} | {e['pruner']} | {e['target_sparsity']:.0%}"
             + (f" {e['pattern']}" if e["pattern"] != "unstructured" else "")
-            + f" | {e['allocation']}{options_text(e, defaults)} | {len(e['seeds'])} | "
+            + f" | {label} | {len(e['seeds'])} | "
               f"{e['ppl_mean']:.1f} ± "
               f"{e['ppl_sd']:.1f} | {format_change(e.get('vs_uniform'))} | "
               f"{format_change(e.get('vs_base'))} |")
