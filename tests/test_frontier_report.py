@@ -166,17 +166,25 @@ def test_the_reference_is_the_best_of_several_searches():
     assert rows["uniform"]["l1_from_search"] == pytest.approx(0.4)
 
 
-def test_spearman_is_marked_when_the_search_started_from_the_row():
+def test_spearman_is_marked_when_the_search_started_from_the_same_coefficients():
     searched = _row("search:owl+absorb", 40.0, [0.2, 0.5, 0.6, 0.7], 0, owl_m=5,
                     absorb_gamma=0.1, search_generations=3)
-    records = [("a", _record(RECORDS[0][1]["rows"][:3] + [searched])), RECORDS[1]]
+    other_base = _row("alpha+absorb", 70.0, [0.4, 0.4, 0.6, 0.6], 0, absorb_gamma=0.1)
+    other_coef = _row("alpha+absorb", 75.0, [0.4, 0.4, 0.6, 0.6], 0, absorb_gamma=0.1,
+                      absorb_final="damage")
+    alpha = _row("alpha", 90.0, [0.5, 0.4, 0.6, 0.5], 0)
+    records = [("a", _record(RECORDS[0][1]["rows"][:3] + [searched, other_base, other_coef,
+                                                         alpha])), RECORDS[1]]
     (setting,) = frontier(records)
-    rows = {e["allocation"]: e for e in setting["rows"]}
-    assert rows["owl+absorb"]["search_started_here"]
+    marked = {(e["allocation"], e["options"].get("absorb_final")): e.get("shares_search_shift")
+              for e in setting["rows"] if "spearman_to_search" in e}
+    # the start itself and any base corrected with the same coefficients; not another final
+    assert marked == {("owl+absorb", None): True, ("alpha+absorb", None): True,
+                      ("alpha+absorb", "damage"): False}
     text = render_frontier([setting])
     assert "† |" in text and "not an independent test" in text
     (plain,) = frontier(RECORDS)  # a search from uniform: no mark, no footnote
-    assert not {e["allocation"]: e for e in plain["rows"]}["owl+absorb"]["search_started_here"]
+    assert not {e["allocation"]: e for e in plain["rows"]}["owl+absorb"]["shares_search_shift"]
     assert "†" not in render_frontier([plain])
 
 

@@ -76,14 +76,18 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     return None if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
 
 
-def started_from(search_key: tuple, key: tuple) -> bool:
-    """Did the search ``search_key`` start from the row ``key`` (``search:SPEC`` with the row's
-    spec and options)? Then search minus the row's base contains the row's shift by
-    construction, and the Spearman of that row is not an independent test."""
-    if search_key[4] != f"search:{key[4]}":
+def shares_search_shift(search_key: tuple, key: tuple) -> bool:
+    """Did the search ``search_key`` start from an allocation corrected with the same
+    coefficients as the ``+absorb`` row ``key`` (``search:X+absorb``, equal ``absorb_*``
+    options)? The correction's shift depends on the coefficients, not on the base, so then
+    search minus the row's base contains (about) the row's own shift, and the Spearman of that
+    row is not an independent test."""
+    if not (search_key[4].startswith("search:") and search_key[4].endswith("+absorb")
+            and key[4].endswith("+absorb")):
         return False
     mine, theirs = json.loads(key[5]), json.loads(search_key[5])
-    return all(theirs.get(o) == v for o, v in mine.items())
+    names = {k for k in (*mine, *theirs) if k.startswith("absorb_")}
+    return all(mine.get(k) == theirs.get(k) for k in names)
 
 
 def _setting(key: tuple) -> tuple:
@@ -121,7 +125,7 @@ def frontier(records: list[tuple[str, dict]]) -> list[dict]:
                     entry["spearman_to_search"] = spearman(
                         [a - b for a, b in zip(alloc, base_alloc, strict=True)],
                         [r - b for r, b in zip(reference, base_alloc, strict=True)])
-                    entry["search_started_here"] = started_from(searched[0], key)
+                    entry["shares_search_shift"] = shares_search_shift(searched[0], key)
             rows.append(entry)
         model, pruner, target, pattern, proto = setting
         out.append({"model": model, "pruner": pruner, "target_sparsity": target,
@@ -147,15 +151,16 @@ def render_frontier(settings: list[dict], defaults: dict | None = None) -> str:
         for e, label in zip(ordered, row_labels(ordered, defaults), strict=True):
             rho = e.get("spearman_to_search")
             dist = e.get("l1_from_search")
-            mark = " †" if e.get("search_started_here") else ""
+            mark = " †" if e.get("shares_search_shift") else ""
             lines.append(
                 f"| {label} | {len(e['seeds'])} | "
                 f"{e['ppl_mean']:.1f} ± {e['ppl_sd']:.1f} | {format_change(e.get('vs_uniform'))}"
                 f" | {format_change(e.get('vs_base'))} | "
                 f"{'-' if dist is None else f'{dist:.2f}'} | "
                 f"{'-' if rho is None else f'{rho:+.2f}'}{mark} |")
-        if any(e.get("search_started_here") for e in s["rows"]):
-            lines += ["", "† the search started from this row's allocation, so search - base "
-                      "contains the row's own shift: not an independent test."]
+        if any(e.get("shares_search_shift") for e in s["rows"]):
+            lines += ["", "† the search started from an allocation corrected with this row's "
+                      "coefficients, so search - base contains about the row's own shift: not an "
+                      "independent test."]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
