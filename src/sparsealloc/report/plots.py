@@ -172,7 +172,8 @@ def plot_frontier(settings: list[dict], path: str | Path, title: str = "") -> Pa
     n = max(len(settings), 1)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(8 * cols, 4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(10 * cols, 4.5 * rows), squeeze=False,
+                             layout="constrained")  # keeps each legend clear of the next panel
     for ax, s in zip(axes.flat, settings, strict=False):
         for e in sorted(s["rows"], key=lambda e: e["ppl_mean"]):
             alloc = e.get("allocation_mean")
