@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from tiny_models import save_tiny
 from typer.testing import CliRunner
 
@@ -31,6 +32,8 @@ def test_prune_writes_result(tmp_path, pruner):
     assert rec["block_weight_sparsity"] == pytest.approx(rec["measured_sparsity"])
     assert rec["protocol"]["nsamples"] == 4 and rec["protocol"]["seqlen"] == 32
     assert rec["ppl"][str(text)] > 1
+    env = rec["environment"]  # what can move float results between runs of one protocol
+    assert env["torch_threads"] == torch.get_num_threads() and env["torch"] == torch.__version__
 
 
 def test_prune_24_pattern(tmp_path):

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from sparsealloc.cli import app
 from sparsealloc.report.seeds import collect_seeds, paired, render_seeds, summarise
+from sparsealloc.report.tables import table
 
 
 def _rec(seed, rows):
@@ -66,3 +67,22 @@ def test_compare_with_seeds(tmp_path):
 def test_bad_seeds_are_one_line():
     res = CliRunner().invoke(app, ["compare", "--seeds", "0,x"])
     assert res.exit_code != 0 and "--seeds must be whole numbers" in str(res.exception)
+
+
+def test_a_row_seen_twice_with_one_seed_and_two_values_is_flagged(tmp_path):
+    def rec(ppl):
+        return {"model": "m", "protocol": {"nsamples": 4, "seqlen": 16, "calib": "c4", "seed": 0,
+                                           "eval_seqlen": 16, "eval_tokens": 64},
+                "rows": [{"label": "uniform", "allocation": "uniform",
+                          "pruner": {"name": "wanda"}, "target_sparsity": 0.7,
+                          "ppl": {"w": ppl}, "block_sparsity": [0.7, 0.7]}]}
+
+    paths = []
+    for name, ppl in (("a", 339.9), ("b", 312.3), ("c", 339.9)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(rec(ppl)))
+        paths.append(str(tmp_path / f"{name}.json"))
+    text = table(paths, style="seeds")
+    warnings = [line for line in text.splitlines() if line.startswith("<!-- warning")]
+    assert len(warnings) == 1  # b differs from the kept a; c agrees
+    assert "339.9000 kept" in warnings[0] and "312.3000 in" in warnings[0]
+    assert "| 339.9 ± 0.0 |" in text  # the first is kept

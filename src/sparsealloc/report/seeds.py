@@ -52,6 +52,22 @@ def collect_seeds(records: Iterable[tuple[str, dict]]) -> dict[tuple, dict[int, 
     return out
 
 
+def seed_conflicts(records: Iterable[tuple[str, dict]]) -> list[str]:
+    """One markdown comment per row seen twice with the same seed and a different perplexity
+    (:func:`collect_seeds` keeps the first; they should agree: another thread count, code
+    version or a setting not recorded)."""
+    first: dict[tuple, tuple[float, str]] = {}
+    out = []
+    for path, rec in records:
+        for key, seed, r in seeded_rows([(path, rec)]):
+            ppl = next(iter(r["ppl"].values()))
+            kept = first.setdefault((key, seed), (ppl, path))
+            if not math.isclose(kept[0], ppl, rel_tol=1e-6):
+                out.append(f"<!-- warning: {key[0]} {key[1]} {key[2]:.0%} {key[4]} seed {seed}: "
+                           f"{kept[0]:.4f} kept ({kept[1]}), {ppl:.4f} in {path} differs -->")
+    return out
+
+
 def spread(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
     mean = sum(values) / len(values)

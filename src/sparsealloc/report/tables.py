@@ -27,7 +27,7 @@ from ..io import read_json
 from .frontier import frontier, render_frontier
 from .plots import plot_frontier
 from .recommend import render_summary, summary
-from .seeds import collect_seeds, render_seeds, summarise
+from .seeds import collect_seeds, render_seeds, seed_conflicts, summarise
 
 BASES = ("uniform", "owl", "alpha")
 COLUMNS = ("uniform", "uniform+absorb", "owl", "owl+absorb", "alpha", "alpha+absorb")
@@ -205,22 +205,23 @@ def table(paths: list[str], *, style: str = "grid", variant: dict | None = None,
     seeds summary, or the frontier (with ``plot``: its allocations figure too), over the rows
     of ``model``, ``pruner`` and ``sparsity`` when given."""
     records = only(read_records(paths), model, pruner, sparsity)
+    conflicts = "".join(f"{w}\n" for w in seed_conflicts(records))
     if style in ("frontier", "recommend"):
         settings = frontier(records)
         if plot is not None:
             plot_frontier(settings, plot)
         if style == "recommend":
-            return render_summary(summary(settings, defaults))
+            return conflicts + render_summary(summary(settings, defaults))
         text = render_frontier(settings, defaults)
         if len(settings) > 1:
             text += "\n\n" + render_summary(summary(settings, defaults))
-        return text
+        return conflicts + text
     check(plot is None, "--plot draws the frontier figure: use it with --style frontier or "
           "recommend")
     if style == "rows":
         return "\n".join(render_rows(path, rec) for path, rec in records)
     if style == "seeds":
-        return render_seeds(summarise(collect_seeds(records)), defaults)
+        return conflicts + render_seeds(summarise(collect_seeds(records)), defaults)
     if style != "grid":
         raise UserError(f"--style must be grid, rows, seeds, frontier or recommend (got {style!r})")
     warnings: list[str] = []
