@@ -45,7 +45,10 @@ def available_bytes() -> int:
 
 
 def gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    """A byte count in GiB, or MiB / KiB when smaller."""
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 def choose_stream(mode: str, weights_bytes: int, available: int) -> bool:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..io import atomic_write
+from ..memory import gib
 from ..pruners.base import Pruner
 from ..pruners.masks import Pattern
 from ..runner import Activations, BlockRunner, collect_inputs
@@ -157,14 +158,6 @@ SPACE_MARGIN = 1 << 30
 """Free space the database always leaves on its disk (bytes)."""
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def check_space(db: LevelDatabase, entry_size: int, entries_left: int) -> None:
     """Refuse to go on when the entries still to build (each about ``entry_size`` bytes, the
     size of the first one built: blocks have the same shapes) would not fit on the database's
@@ -176,9 +169,9 @@ def check_space(db: LevelDatabase, entry_size: int, entries_left: int) -> None:
     free = shutil.disk_usage(db.folder).free
     if need + SPACE_MARGIN > free:
         raise UserError(
-            f"the search's level database needs about {_size(need)} more under "
-            f"{db.folder} ({entries_left} entries of {_size(entry_size)}) but "
-            f"{_size(free)} is free; free some space, point SPARSEALLOC_CACHE at a "
+            f"the search's level database needs about {gib(need)} more under "
+            f"{db.folder} ({entries_left} entries of {gib(entry_size)}) but "
+            f"{gib(free)} is free; free some space, point SPARSEALLOC_CACHE at a "
             "larger disk, or use fewer levels (--search-levels 2)")
 
 
