@@ -43,29 +43,31 @@ def seeded_rows(records: Iterable[tuple[str, dict]]) -> Iterator[tuple[tuple, in
             yield row_key(rec["model"], proto, r), seed, r
 
 
-def collect_seeds(records: Iterable[tuple[str, dict]]) -> dict[tuple, dict[int, float]]:
-    """``{row key: {seed: main perplexity}}`` over compare records (a row seen twice with the
-    same seed must agree; the first is kept)."""
+def collect_seeds(records: Iterable[tuple[str, dict]],
+                  conflicts: list[str] | None = None) -> dict[tuple, dict[int, float]]:
+    """``{row key: {seed: main perplexity}}`` over compare records. A row seen twice with the
+    same seed should agree; the first is kept, and ``conflicts`` (when given) gets one markdown
+    comment per later value that differs (another thread count, code version or a setting not
+    recorded)."""
     out: dict[tuple, dict[int, float]] = {}
-    for key, seed, r in seeded_rows(records):
-        out.setdefault(key, {}).setdefault(seed, next(iter(r["ppl"].values())))
+    source: dict[tuple, str] = {}
+    for path, rec in records:
+        for key, seed, r in seeded_rows([(path, rec)]):
+            ppl = next(iter(r["ppl"].values()))
+            kept = out.setdefault(key, {}).setdefault(seed, ppl)
+            first = source.setdefault((key, seed), path)
+            if conflicts is not None and not math.isclose(kept, ppl, rel_tol=1e-6):
+                conflicts.append(f"<!-- warning: {key[0]} {key[1]} {key[2]:.0%} {key[4]} seed "
+                                 f"{seed}: {kept:.4f} kept ({first}), {ppl:.4f} in {path} "
+                                 "differs -->")
     return out
 
 
 def seed_conflicts(records: Iterable[tuple[str, dict]]) -> list[str]:
-    """One markdown comment per row seen twice with the same seed and a different perplexity
-    (:func:`collect_seeds` keeps the first; they should agree: another thread count, code
-    version or a setting not recorded)."""
-    first: dict[tuple, tuple[float, str]] = {}
-    out = []
-    for path, rec in records:
-        for key, seed, r in seeded_rows([(path, rec)]):
-            ppl = next(iter(r["ppl"].values()))
-            kept = first.setdefault((key, seed), (ppl, path))
-            if not math.isclose(kept[0], ppl, rel_tol=1e-6):
-                out.append(f"<!-- warning: {key[0]} {key[1]} {key[2]:.0%} {key[4]} seed {seed}: "
-                           f"{kept[0]:.4f} kept ({kept[1]}), {ppl:.4f} in {path} differs -->")
-    return out
+    """The :func:`collect_seeds` conflicts of ``records``."""
+    found: list[str] = []
+    collect_seeds(records, found)
+    return found
 
 
 def spread(values: list[float]) -> tuple[float, float]:

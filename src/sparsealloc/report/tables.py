@@ -205,8 +205,8 @@ def table(paths: list[str], *, style: str = "grid", variant: dict | None = None,
     seeds summary, or the frontier (with ``plot``: its allocations figure too), over the rows
     of ``model``, ``pruner`` and ``sparsity`` when given."""
     records = only(read_records(paths), model, pruner, sparsity)
-    conflicts = "".join(f"{w}\n" for w in seed_conflicts(records))
     if style in ("frontier", "recommend"):
+        conflicts = "".join(f"{w}\n" for w in seed_conflicts(records))
         settings = frontier(records)
         if plot is not None:
             plot_frontier(settings, plot)
@@ -221,7 +221,9 @@ def table(paths: list[str], *, style: str = "grid", variant: dict | None = None,
     if style == "rows":
         return "\n".join(render_rows(path, rec) for path, rec in records)
     if style == "seeds":
-        return conflicts + render_seeds(summarise(collect_seeds(records)), defaults)
+        found: list[str] = []
+        groups = collect_seeds(records, found)
+        return "".join(f"{w}\n" for w in found) + render_seeds(summarise(groups), defaults)
     if style != "grid":
         raise UserError(f"--style must be grid, rows, seeds, frontier or recommend (got {style!r})")
     warnings: list[str] = []
