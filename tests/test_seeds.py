@@ -57,6 +57,7 @@ def test_compare_with_seeds(tmp_path):
     assert res.exit_code == 0, res.output
     rec = json.loads((out / "compare.json").read_text())
     assert rec["seeds"] == [0, 1] and [r["seed"] for r in rec["rows"]] == [0, 0, 1, 1]
+    assert rec["shared_work"]["dense_stats_passes"] == 2  # both seeds' work is counted
     owl = next(e for e in rec["seed_summary"] if e["allocation"] == "owl")
     assert owl["seeds"] == [0, 1] and owl["vs_uniform"]["n"] == 2
     by_seed = {r["seed"]: r["ppl_main"] for r in rec["rows"] if r["allocation"] == "owl"}

@@ -438,6 +438,9 @@ def compare(
     seeds: Annotated[str | None, typer.Option(help="calibration seeds, comma separated (e.g. "
                      "0,1,2): every row with each, mean ± sd per row and paired changes with "
                      "standard errors (default: --seed)")] = None,
+    resume: Annotated[bool, typer.Option(help="take over the rows an earlier run in --out "
+                      "finished (same model, protocol, evaluation, row options; its "
+                      "compare.partial.json or compare.json) and run only the others")] = False,
     *, protocol, options, request, quiet: Quiet = False,
 ) -> None:
     """The comparison table: every allocation (x sparsity x pruner) from one shared dense pass."""
@@ -448,7 +451,8 @@ def compare(
     rows = grid(sparsities, _split(pruner), templates, pattern, options)
     with reports_interrupt(out, "compare"):
         record = run_compare(model, protocol, rows, request, out=out, include_dense=dense,
-                             progress=not quiet, seeds=_ints(seeds, "--seeds") if seeds else None)
+                             progress=not quiet, seeds=_ints(seeds, "--seeds") if seeds else None,
+                             resume=resume)
 
     typer.echo(render_markdown(record))
     typer.echo(f"wrote {out / 'compare.json'}, {out / 'compare.md'}, {out / 'compare.png'}")

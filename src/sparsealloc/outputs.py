@@ -81,8 +81,10 @@ def check_out_dir(out: str | Path | None, option: str = "--out") -> Path | None:
     return path
 
 
-def start_run_dir(out: str | Path | None, command: str) -> Path | None:
-    """Create ``out`` and remove ``command``'s previous outputs there (nothing else)."""
+def start_run_dir(out: str | Path | None, command: str,
+                  keep: tuple[str, ...] = ()) -> Path | None:
+    """Create ``out`` and remove ``command``'s previous outputs there (nothing else), except the
+    files named in ``keep`` (``compare --resume`` keeps the partial record it has rewritten)."""
     if out is None:
         return None
     path = Path(out).expanduser()
@@ -90,7 +92,8 @@ def start_run_dir(out: str | Path | None, command: str) -> Path | None:
         path.mkdir(parents=True, exist_ok=True)
         for name in OUTPUTS[command]:
             for stale in path.glob(name):  # names, or patterns of names (search-*.json)
-                stale.unlink(missing_ok=True)
+                if stale.name not in keep:
+                    stale.unlink(missing_ok=True)
     except OSError as exc:
         raise write_error(path, exc) from None
     return path

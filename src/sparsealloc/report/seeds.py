@@ -149,7 +149,7 @@ def options_text(entry: dict, defaults: dict | None) -> str:
     if not defaults:
         return ""
     diff = [f"{k}={v}" for k, v in sorted(entry["options"].items())
-            if k in defaults and not _same(v, defaults[k])]
+            if k in defaults and not same_value(v, defaults[k])]
     return f" ({', '.join(diff)})" if diff else ""
 
 
@@ -168,7 +168,7 @@ def row_labels(entries: list[dict], defaults: dict | None) -> list[str]:
         keys = sorted({k for i in members for k in entries[i]["options"]})
         differ = [k for k in keys if any(
             k not in entries[i]["options"] or k not in entries[members[0]]["options"]
-            or not _same(entries[i]["options"][k], entries[members[0]]["options"][k])
+            or not same_value(entries[i]["options"][k], entries[members[0]]["options"][k])
             for i in members)]
         for i in members:
             opts = entries[i]["options"]
@@ -179,11 +179,13 @@ def row_labels(entries: list[dict], defaults: dict | None) -> list[str]:
     return out
 
 
-def _same(a, b) -> bool:
+def same_value(a, b) -> bool:
+    """Equal option values as recorded (numbers to 1e-9 relative, lists item by item, a JSON
+    list equal to the tuple it was written from)."""
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return math.isclose(float(a), float(b), rel_tol=1e-9)
     if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
     return a == b
 
 

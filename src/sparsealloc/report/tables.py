@@ -27,19 +27,13 @@ from ..io import read_json
 from .frontier import frontier, render_frontier
 from .plots import plot_frontier
 from .recommend import render_summary, summary
-from .seeds import collect_seeds, render_seeds, seed_conflicts, summarise
+from .seeds import collect_seeds, render_seeds, same_value, seed_conflicts, summarise
 
 BASES = ("uniform", "owl", "alpha")
 COLUMNS = ("uniform", "uniform+absorb", "owl", "owl+absorb", "alpha", "alpha+absorb")
 BASE_KEYS = {"owl": ("owl_m", "owl_lambda"), "alpha": ("alpha_eps",), "uniform": ()}
 # correction settings that must be at their defaults for a row to count as the named variant
 FIXED = ("absorb_clip", "absorb_budget", "absorb_positions", "absorb_scale")
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return math.isclose(float(a), float(b), rel_tol=1e-9)
-    return str(a) == str(b)
 
 
 def row_name(row: dict, variant: dict, defaults: dict) -> str | None:
@@ -50,13 +44,13 @@ def row_name(row: dict, variant: dict, defaults: dict) -> str | None:
     base, _, absorb = spec.partition("+")
     if base not in BASES or absorb not in ("", "absorb"):
         return None
-    if any(k in opts and not _same(opts[k], defaults[k]) for k in BASE_KEYS[base]):
+    if any(k in opts and not same_value(opts[k], defaults[k]) for k in BASE_KEYS[base]):
         return None
     if not absorb:
         return base
-    if any(k in opts and not _same(opts[k], defaults[k]) for k in FIXED):
+    if any(k in opts and not same_value(opts[k], defaults[k]) for k in FIXED):
         return None
-    if any(not _same(opts.get(k, defaults[k]), v) for k, v in variant.items()):
+    if any(not same_value(opts.get(k, defaults[k]), v) for k, v in variant.items()):
         return None
     return spec
 
