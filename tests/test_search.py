@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from sparsealloc.allocation import AllocationOptions, parse_allocation_spec, weighted_mean
 from sparsealloc.allocation.search import (
+    EvolveState,
     SearchConfig,
     SearchOptions,
     SearchResult,
@@ -407,3 +408,58 @@ def test_database_refuses_to_fill_the_disk(tmp_path, monkeypatch):
     db = LevelDatabase(tmp_path / "db", s.dense_weights)
     build_database(db, s.runner, s.capture, p, pat, wanted)
     assert (db.reused, db.built) == (1, 2 * s.arch.num_blocks - 1)
+
+
+# ---------------------------------------------------------------- a search stopped half-way
+def test_evolve_goes_on_from_a_saved_state_exactly():
+    grid = level_grid([0.5] * 6, None, 0.025, 4)
+    cfg = SearchConfig(generations=20, offspring=6, survivors=(3, 1), tokens=(1, 2))
+    whole = evolve(grid, _quadratic((-2, 1, 0, 1, 0, 0)), cfg)
+    saved = []
+
+    def stop_at_7(state):
+        saved.append(json.loads(json.dumps(state.to_json())))  # as a file would hold it
+        if state.generation == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        evolve(grid, _quadratic((-2, 1, 0, 1, 0, 0)), cfg, on_state=stop_at_7)
+    state = EvolveState.from_json(saved[-1])
+    assert state.generation == 7
+    rest = evolve(grid, _quadratic((-2, 1, 0, 1, 0, 0)), cfg, resume=state)
+    assert rest.curve == whole.curve and rest.levels == whole.levels
+    assert rest.trajectory == whole.trajectory and rest.evaluations == whole.evaluations
+
+
+def test_a_crashed_search_goes_on_where_it_stopped(tmp_path, monkeypatch):
+    s = _session(tmp_path)
+    whole = _search(s, search_seed=5, search_generations=12, search_survivors=(2, 1))
+    folder = s.cache_dir("search_progress")
+    assert not list(folder.glob("*.json"))  # removed when the search ends
+    real_save = search_run.SearchProgress.save
+
+    def crash_after_3(self, state, fitness):
+        real_save(self, state, fitness)
+        if state.generation == 4:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(search_run.SearchProgress, "save", crash_after_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _search(s, search_seed=5, search_generations=12, search_survivors=(2, 1))
+    assert len(list(folder.glob("*.json"))) == 1
+    monkeypatch.setattr(search_run.SearchProgress, "save", real_save)
+    saved = json.loads(next(folder.glob("*.json")).read_text())
+    restored = []
+    real_set = KLFitness.set_rng_state
+    monkeypatch.setattr(KLFitness, "set_rng_state",
+                        lambda self, st: restored.append(st) or real_set(self, st))
+    # another search (another seed) starts afresh
+    other = _search(s, search_seed=6, search_generations=12, search_survivors=(2, 1))
+    assert other.options["search"]["resumed_at_generation"] is None
+    again = _search(s, search_seed=5, search_generations=12, search_survivors=(2, 1))
+    rec = again.options["search"]
+    assert rec["resumed_at_generation"] == 4
+    assert restored == [saved["fitness_rng"]]  # the batch draws go on where they stopped
+    assert again.block_sparsity == whole.block_sparsity
+    assert rec["fitness_curve"] == whole.options["search"]["fitness_curve"]
+    assert not list(folder.glob("*.json"))

@@ -229,13 +229,51 @@ class SearchResult:
     """``(generation, levels, fitness)`` of the start and of the parent after each improvement."""
 
 
+@dataclass
+class EvolveState:
+    """Everything :func:`evolve` carries from one generation to the next: continuing from it
+    gives exactly the result of an uninterrupted run (with the fitness's own draws restored)."""
+
+    generation: int
+    parent: Levels
+    best: float
+    start: float
+    curve: list[float]
+    improved: list[int]
+    trajectory: list[tuple[int, Levels, float]]
+    evaluations: list[int]
+    rng: object  # random.Random.getstate()
+    memo: dict[Levels, float]
+
+    def to_json(self) -> dict:
+        version, internal, gauss = self.rng  # type: ignore[misc]
+        return {"generation": self.generation, "parent": list(self.parent), "best": self.best,
+                "start": self.start, "curve": self.curve, "improved": self.improved,
+                "trajectory": [[g, list(lv), f] for g, lv, f in self.trajectory],
+                "evaluations": self.evaluations, "rng": [version, list(internal), gauss],
+                "memo": [[list(k), v] for k, v in self.memo.items()]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> EvolveState:
+        version, internal, gauss = d["rng"]
+        return cls(int(d["generation"]), tuple(d["parent"]), float(d["best"]),
+                   float(d["start"]), [float(x) for x in d["curve"]],
+                   [int(x) for x in d["improved"]],
+                   [(int(g), tuple(lv), float(f)) for g, lv, f in d["trajectory"]],
+                   [int(x) for x in d["evaluations"]], (version, tuple(internal), gauss),
+                   {tuple(k): float(v) for k, v in d["memo"]})
+
+
 def evolve(grid: LevelGrid, fitness: Fitness, config: SearchConfig,
-           on_generation: Callable[[int, float], None] | None = None) -> SearchResult:
+           on_generation: Callable[[int, float], None] | None = None,
+           resume: EvolveState | None = None,
+           on_state: Callable[[EvolveState], None] | None = None) -> SearchResult:
     """EvoPress's (1 + offspring) evolution from the start (all levels 0).
 
     ``fitness(candidates, stage)`` is called with the candidates of each selection stage.
     Fitness on the last stage (always the same tokens) is memoised per level vector, so the
-    parent is not re-evaluated and the curve is exactly monotone.
+    parent is not re-evaluated and the curve is exactly monotone. ``on_state`` receives the
+    state after every generation; ``resume`` continues from such a state.
     """
     rng = random.Random(config.seed)
     last = len(config.tokens) - 1
@@ -250,11 +288,23 @@ def evolve(grid: LevelGrid, fitness: Fitness, config: SearchConfig,
                 memo[c] = float(f)
         return [memo[c] for c in cands]
 
-    parent: Levels = tuple([0] * grid.num_blocks)
-    best = start = final_fitness([parent])[0]
-    curve, improved = [start], []
-    trajectory = [(0, parent, start)]
-    for gen in range(config.generations):
+    if resume is None:
+        parent: Levels = tuple([0] * grid.num_blocks)
+        best = start = final_fitness([parent])[0]
+        curve, improved = [start], []
+        trajectory = [(0, parent, start)]
+        first = 0
+    else:
+        if len(resume.parent) != grid.num_blocks or len(resume.evaluations) != len(evaluations):
+            raise ValueError("the saved search state is for another grid or configuration")
+        parent, best, start = resume.parent, resume.best, resume.start
+        curve, improved = list(resume.curve), list(resume.improved)
+        trajectory = list(resume.trajectory)
+        evaluations[:] = resume.evaluations
+        memo.update(resume.memo)
+        rng.setstate(resume.rng)  # type: ignore[arg-type]
+        first = resume.generation
+    for gen in range(first, config.generations):
         cands = offspring(parent, grid, config.offspring, rng)
         for stage, keep in enumerate(config.survivors):
             if stage == last:
@@ -273,6 +323,10 @@ def evolve(grid: LevelGrid, fitness: Fitness, config: SearchConfig,
             trajectory.append((gen + 1, cands[0], memo[cands[0]]))
         parent, best = cands[0], memo[cands[0]]
         curve.append(best)
+        if on_state is not None:
+            on_state(EvolveState(gen + 1, parent, best, start, list(curve), list(improved),
+                                 list(trajectory), list(evaluations), rng.getstate(),
+                                 dict(memo)))
         if on_generation is not None:
             on_generation(gen + 1, best)
     return SearchResult(levels=parent, fitness=best, start_fitness=start, curve=curve,

@@ -118,6 +118,13 @@ class KLFitness:
         self.token_block_forwards = 0  # tokens x blocks run (the dense reference included)
         self.dense_final = self._dense_outputs()
 
+    def rng_state(self) -> list[int]:
+        """The state of the batch draws (saved with a search's progress)."""
+        return self.gen.get_state().tolist()
+
+    def set_rng_state(self, state: list[int]) -> None:
+        self.gen.set_state(torch.tensor(state, dtype=torch.uint8))
+
     # ---------------------------------------------------------------- helpers
     def _draw(self, count: int) -> list[int]:
         order = torch.randperm(len(self.acts.hidden), generator=self.gen)[:count]

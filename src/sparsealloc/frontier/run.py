@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from ..allocation.search import (
+    EvolveState,
     SearchConfig,
     SearchResult,
     check_budget,
@@ -18,12 +21,15 @@ from ..allocation.search import (
     level_grid,
 )
 from ..errors import UserError
+from ..io import read_json, write_json
 from ..progress import progress_enabled
 from ..pruners import get_pruner, parse_pattern
 from ..session import Session
 from ..tuning import tune_corpus
 from .database import LevelDatabase, build_database
 from .fitness import KLFitness, LevelLoader, logit_softcap
+
+log = logging.getLogger(__name__)
 
 FITNESS = ("KL(dense || candidate) of the next-token distribution, mean over the scored "
            "calibration tokens; every block pruned at its level on dense inputs (the database)")
@@ -113,7 +119,16 @@ def search_allocation(session: Session, start: list[float], target: float,
                 held = KLFitness(session.runner, acts, lm_head, softcap, db, grid,
                                  [acts.num_tokens], stride=stride, loader=loader)
                 held_seconds = time.perf_counter() - t2
-            result = evolve(grid, fitness, config, on_generation=tick)
+            progress = SearchProgress.open(
+                session.cache_dir("search_progress") if use_cache else None,
+                [database_key(session, prune.name, prune.config(), str(pat)), asdict(grid),
+                 asdict(config), stride, target])
+            resume = progress.load(fitness) if progress else None
+            if resume is not None:
+                bar.update(resume.generation)
+            result = evolve(grid, fitness, config, on_generation=tick, resume=resume,
+                            on_state=(lambda st: progress.save(st, fitness)) if progress
+                            else None)
             chosen = len(result.trajectory) - 1
             if held is not None:
                 t2 = time.perf_counter()
@@ -125,6 +140,8 @@ def search_allocation(session: Session, start: list[float], target: float,
         session.model.to("cpu")
         session.restore_dense()
     search_seconds = time.perf_counter() - t1
+    if progress:
+        progress.done()
     generation, levels, final = result.trajectory[chosen]
     sparsity = check_budget(grid, levels, target, weights)
     record = {
@@ -143,6 +160,7 @@ def search_allocation(session: Session, start: list[float], target: float,
         "level_sparsity_step": list(grid.delta),
         "level_range": [list(grid.kmin), list(grid.kmax)],
         "config": asdict(config) | {"stride": stride},
+        "resumed_at_generation": resume.generation if resume is not None else None,
         "tokens_per_stage": fitness.tokens_per_stage,
         "final_stage_batches": fitness.final_batches,
         "cost": {
@@ -160,6 +178,45 @@ def search_allocation(session: Session, start: list[float], target: float,
         "pattern": str(pat),
     }
     return SearchOutcome(block_sparsity=sparsity, record=record)
+
+
+class SearchProgress:
+    """A search's state after its latest generation, in the cache, so that a search stopped by
+    a crash or a session's end goes on from there when run again (the same model, protocol,
+    pruner, start, grid and search options); removed when the search ends."""
+
+    def __init__(self, path: Path, identity: str) -> None:
+        self.path, self.identity = path, identity
+
+    @classmethod
+    def open(cls, folder: Path | None, identity: list) -> SearchProgress | None:
+        if folder is None:
+            return None
+        key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str)
+                             .encode()).hexdigest()[:20]
+        return cls(folder / f"{key}.json", key)
+
+    def load(self, fitness: KLFitness) -> EvolveState | None:
+        if not self.path.is_file():
+            return None
+        try:
+            saved = read_json(self.path)
+            if saved.get("identity") != self.identity:
+                return None
+            state = EvolveState.from_json(saved["state"])
+            fitness.set_rng_state(saved["fitness_rng"])
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            log.warning("ignoring the unreadable search progress %s (%s)", self.path, exc)
+            return None
+        log.warning("the search goes on from generation %d (%s)", state.generation, self.path)
+        return state
+
+    def save(self, state: EvolveState, fitness: KLFitness) -> None:
+        write_json(self.path, {"identity": self.identity, "state": state.to_json(),
+                               "fitness_rng": fitness.rng_state()})
+
+    def done(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def held_out_choice(result: SearchResult, held: KLFitness,
