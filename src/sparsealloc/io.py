@@ -17,16 +17,17 @@ from .errors import UserError
 USER_WRITE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 
 
-def _jsonable(obj: Any) -> Any:
-    """Convert tensors, numpy values, paths and non-finite floats to JSON-safe values."""
+def jsonable(obj: Any) -> Any:
+    """``obj`` as :func:`write_json` writes it (and it reads back): tensors, numpy values, paths,
+    tuples and non-finite floats made JSON-safe."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "tolist") and callable(obj.tolist):  # torch / numpy
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, float) and not math.isfinite(obj):
         return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
     return obj
@@ -84,7 +85,7 @@ def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
 
 def write_json(path: str | Path, data: Any) -> Path:
     """Write ``data`` as indented JSON, atomically."""
-    text = json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n"
+    text = json.dumps(jsonable(data), indent=2, sort_keys=False) + "\n"
     return atomic_write(path, lambda p: p.write_text(text))
 
 

@@ -86,8 +86,8 @@ def search_allocation(session: Session, start: list[float], target: float,
                            "weights into the model and restores the dense ones)")
     session.restore_dense()  # dense model, dense copy kept (session.dense_weights)
 
-    folder = (session.cache_dir("search_db") / database_key(session, prune.name, prune.config(),
-                                                            str(pat)) if use_cache else None)
+    db_key = database_key(session, prune.name, prune.config(), str(pat))
+    folder = session.cache_dir("search_db") / db_key if use_cache else None
     db = LevelDatabase(folder, session.dense_weights)
     wanted = [[grid.sparsity(i, k) for k in grid.block_levels(i)] for i in range(len(start))]
     t0 = time.perf_counter()
@@ -121,8 +121,7 @@ def search_allocation(session: Session, start: list[float], target: float,
                 held_seconds = time.perf_counter() - t2
             progress = SearchProgress.open(
                 session.cache_dir("search_progress") if use_cache else None,
-                [database_key(session, prune.name, prune.config(), str(pat)), asdict(grid),
-                 asdict(config), stride, target])
+                [db_key, asdict(grid), asdict(config), stride, target])
             resume = progress.load(fitness) if progress else None
             if resume is not None:
                 bar.update(resume.generation)

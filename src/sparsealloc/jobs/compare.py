@@ -80,8 +80,9 @@ def run_compare(model: str, protocol: Protocol, rows: list[RowSpec],
             for seed in seeds:
                 for i, row in enumerate(rows):
                     rec = prior.take(row, seed)
-                    if rec is not None:
-                        reused[seed, i] = rec
+                    if rec is not None:  # labelled as this run labels its rows
+                        reused[seed, i] = rec | {"label": _label(row, seed, len(seeds)),
+                                                 "seed": seed}
             prior.check_all_taken()
             for line in version_warnings(prior, __version__, environment()):
                 warn(line)
@@ -89,8 +90,7 @@ def run_compare(model: str, protocol: Protocol, rows: list[RowSpec],
     dense = prior.dense if prior is not None and include_dense else None
     if prior is not None and out is not None:  # the taken-over rows first, then clear the rest
         run.write_partial(Path(out).expanduser(), dense, [
-            reused[k] | {"label": _label(rows[k[1]], k[0], len(seeds))}
-            for k in sorted(reused, key=lambda k: (seeds.index(k[0]), k[1]))])
+            reused[k] for k in sorted(reused, key=lambda k: (seeds.index(k[0]), k[1]))])
     run_dir = start_run_dir(out, "compare", keep=(PARTIAL,) if prior is not None else ())
     if include_dense and dense is None:  # the dense model does not depend on the seed
         dense = {"label": "dense", "allocation": "dense", **evaluate(session, request)}
@@ -102,8 +102,7 @@ def run_compare(model: str, protocol: Protocol, rows: list[RowSpec],
                                      progress=progress))
         for i, row in enumerate(rows):
             if (seed, i) in reused:
-                done.append(reused[seed, i] | {"label": _label(row, seed, len(seeds)),
-                                               "seed": seed})
+                done.append(reused[seed, i])
                 continue
             done.append(_run_row(run.session, row, request, seed, len(seeds)))
             if run_dir is not None:  # finished rows survive a crash, marked incomplete

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..allocation.registry import option_fields
 from ..errors import UserError
-from ..io import read_json
+from ..io import jsonable, read_json
 from ..protocol import EvalRequest
 from ..pruners import get_pruner
 from ..report.seeds import same_value
@@ -96,7 +96,7 @@ def _groups() -> dict[str, str]:
 def differences(rec: dict, row: RowSpec) -> list[str]:
     """How an earlier row record differs from ``row`` (empty: the same row)."""
     out = []
-    pruner = as_json(get_pruner(row.pruner).config())
+    pruner = jsonable(get_pruner(row.pruner).config())
     checks = (("pruner", rec.get("pruner"), pruner),
               ("pattern", rec.get("pattern", "unstructured"), row.pattern_text),
               ("target sparsity", rec.get("target_sparsity"), row.target),
@@ -122,11 +122,6 @@ def _stripped(protocol: dict) -> dict:
     return {k: v for k, v in protocol.items() if k not in IGNORED_PROTOCOL}
 
 
-def as_json(value):
-    """``value`` as it reads back from a JSON file (tuples become lists)."""
-    return json.loads(json.dumps(value, default=str))
-
-
 def load_prior(run_dir: Path, model: str, architecture: dict, protocol: dict,
                request: EvalRequest) -> Prior | None:
     """The earlier run in ``run_dir`` (the file with more rows), checked against this one; None
@@ -146,10 +141,10 @@ def load_prior(run_dir: Path, model: str, architecture: dict, protocol: dict,
     if not found:
         return None
     _, _, path, rec = max(found, key=lambda f: (f[0], f[1]))
-    if rec.get("model") != model or rec.get("architecture") != as_json(architecture):
+    if rec.get("model") != model or rec.get("architecture") != jsonable(architecture):
         raise UserError(f"--resume: {path} is a comparison of {rec.get('model')!r}, not of "
                         f"{model!r}; {_HOW}")
-    old, new = _stripped(rec.get("protocol") or {}), _stripped(as_json(protocol))
+    old, new = _stripped(rec.get("protocol") or {}), _stripped(jsonable(protocol))
     diff = [f"{k} {json.dumps(old.get(k))} there, {json.dumps(new.get(k))} now"
             for k in sorted(set(old) | set(new)) if not same_value(old.get(k), new.get(k))]
     if diff:
@@ -160,7 +155,7 @@ def load_prior(run_dir: Path, model: str, architecture: dict, protocol: dict,
 
 
 def _check_evaluation(path: Path, rec: dict, request: EvalRequest) -> None:
-    want = as_json(evaluation_record(request))
+    want = jsonable(evaluation_record(request))
     had = rec.get("evaluation")
     if had is None:  # records before compare wrote its evaluation: read it off the rows
         if request.tasks:
