@@ -6,7 +6,7 @@ import pytest
 
 from sparsealloc.errors import UserError
 from sparsealloc.report.frontier import frontier, l1, render_frontier, spearman
-from sparsealloc.report.recommend import render_summary, summary
+from sparsealloc.report.recommend import SEARCH_LABEL, render_summary, summary
 from sparsealloc.report.seeds import row_labels
 from sparsealloc.report.tables import table
 
@@ -202,3 +202,26 @@ def test_rows_that_would_read_the_same_show_how_they_differ():
     a = {"allocation": "owl", "options": {"note": 1}}
     b = {"allocation": "owl", "options": {"note": 2}}
     assert row_labels([a, b], defaults) == ["owl (note=1)", "owl (note=2)"]
+
+
+def test_searches_are_one_reference_row_never_recommended():
+    """Each setting's best search is the one 'search' row; it is not the default even where its
+    worst case is the lowest (a search is not a prune's cost)."""
+    recs = _two_settings()
+    extra = {"m1": [("search", 45.0), ("search:owl", 40.0)], "m2": [("search:dlp", 180.0)]}
+    for _, rec in recs:
+        if rec["protocol"]["seed"] == 0:
+            rec["rows"] += [_row(alloc, ppl, [0.5] * 4, 0, search_generations=3)
+                            for alloc, ppl in extra[rec["model"]]]
+    result = summary(frontier(recs), defaults={"absorb_nsamples": 16})
+    labels = [r["label"] for r in result["rows"]]
+    assert SEARCH_LABEL in labels and not any(x.startswith("search:") for x in labels)
+    assert len(labels) == len(set(labels))
+    row = {r["label"]: r for r in result["rows"]}[SEARCH_LABEL]
+    # m1: search:owl (40) beats search (45) -> -60% against uniform's 100; m2: 180 vs 200 -> -10%
+    assert row["changes"][0]["mean"] == pytest.approx(-0.6)
+    assert row["changes"][1]["mean"] == pytest.approx(-0.1)
+    assert row["complete"] and row["worst"] == pytest.approx(-0.1)
+    assert result["recommended"] == "b"  # not the search, though its worst case is lower
+    text = render_summary(result)
+    assert "(the default to recommend): `b`." in text and "not a candidate" in text

@@ -11,6 +11,12 @@ An allocation *beats uniform* in a setting when its paired change is negative by
 twice its standard error (two seeds at least). The recommendation is the allocation measured
 in every setting whose worst change against uniform is the lowest (minimax: a default must not
 lose badly anywhere); uniform itself is a candidate with change 0.
+
+Searched rows (``search``, ``search:owl``, ...) are one row, :data:`SEARCH_LABEL`: in each
+setting the searched reference of the frontier table (the best of the setting's searches).
+It shows how far the heuristics are from a searched allocation; it is not a candidate for
+the default, which must cost no more than a prune (a search costs a database and many
+candidate evaluations: BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ COST_OPTIONS = frozenset({
     "search_survivors", "search_tokens", "search_stride", "search_holdout",
     "search_checkpoints", "search_seed",
 })
+
+
+SEARCH_LABEL = "search (best of the setting's searches)"
 
 
 def setting_name(s: dict) -> str:
@@ -51,7 +60,12 @@ def summary(settings: Sequence[dict], defaults: dict | None = None) -> dict:
     for i, s in enumerate(settings):
         chosen: dict[str, dict] = {}
         for e in s["rows"]:
-            label = _label(e, defaults)
+            if e["allocation"].startswith("search"):
+                if not e.get("searched_reference"):
+                    continue
+                label = SEARCH_LABEL
+            else:
+                label = _label(e, defaults)
             if e["allocation"] == "uniform":
                 change = {"mean": 0.0, "se": None, "n": len(e["seeds"])}
             else:
@@ -70,13 +84,14 @@ def summary(settings: Sequence[dict], defaults: dict | None = None) -> dict:
                      "worst": max(c["mean"] for c in measured),
                      "complete": len(measured) == len(settings)})
     rows.sort(key=lambda r: (not r["complete"], r["worst"], r["label"]))
-    complete = [r for r in rows if r["complete"]]
+    complete = [r for r in rows if r["complete"] and r["label"] != SEARCH_LABEL]
     return {"settings": names, "rows": rows,
             "recommended": complete[0]["label"] if complete else None}
 
 
 def render_summary(result: dict) -> str:
-    """Markdown: one row per allocation, one column per setting, and the recommendation."""
+    """Markdown: one row per allocation, one column per setting, and the recommendation (the
+    searched row is a reference, never recommended)."""
     names = result["settings"]
     lines = ["**Across settings** (change against uniform, paired per seed; `*`: beyond twice "
              "its standard error)", "",
@@ -87,10 +102,14 @@ def render_summary(result: dict) -> str:
                  for c in r["changes"]]
         lines.append(f"| {r['label']} | " + " | ".join(cells)
                      + f" | {r['beaten']}/{len(names)} | {r['worst']:+.1%} |")
-    everywhere = [r["label"] for r in result["rows"] if r["beaten"] == len(names)]
+    everywhere = [r["label"] for r in result["rows"]
+                  if r["beaten"] == len(names) and r["label"] != SEARCH_LABEL]
     lines += ["", "Beats uniform in every setting: "
               + (", ".join(f"`{x}`" for x in everywhere) if everywhere else "none") + ".",
               "Lowest worst-case change over every setting (the default to recommend): "
               + (f"`{result['recommended']}`." if result["recommended"] else
                  "no allocation was measured in every setting.")]
+    if any(r["label"] == SEARCH_LABEL for r in result["rows"]):
+        lines.append(f"`{SEARCH_LABEL}` is the reference each heuristic is measured against "
+                     "(usually one seed), not a candidate for the default.")
     return "\n".join(lines)
