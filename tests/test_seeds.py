@@ -87,3 +87,26 @@ def test_a_row_seen_twice_with_one_seed_and_two_values_is_flagged(tmp_path):
     assert len(warnings) == 1  # b differs from the kept a; c agrees
     assert "339.9000 kept" in warnings[0] and "312.3000 in" in warnings[0]
     assert "| 339.9 ± 0.0 |" in text  # the first is kept
+
+
+def test_a_seed_is_taken_from_the_run_with_most_of_its_rows(tmp_path):
+    """An older file with two of the rows, given first, does not split a newer run's pairs: each
+    setting and seed comes from the file holding most of its rows (rows only in the older file
+    still count)."""
+    def rec(rows):
+        return {"model": "m", "protocol": {"nsamples": 4, "seqlen": 16, "calib": "c4", "seed": 0,
+                                           "eval_seqlen": 16, "eval_tokens": 64},
+                "rows": [{"label": a, "allocation": a, "pruner": {"name": "wanda"},
+                          "target_sparsity": 0.7, "ppl": {"w": ppl}, "block_sparsity": [0.7] * 2}
+                         for a, ppl in rows]}
+
+    old = rec([("uniform", 100.0), ("owl", 80.0), ("dlp", 50.0)])
+    new = rec([("uniform", 110.0), ("owl", 99.0), ("lsa", 88.0), ("alpha", 77.0)])
+    records = [("old.json", old), ("new.json", new)]
+    found: list[str] = []
+    groups = collect_seeds(records, found)
+    by_alloc = {k[4]: v[0] for k, v in groups.items()}
+    assert by_alloc == {"uniform": 110.0, "owl": 99.0, "lsa": 88.0, "alpha": 77.0, "dlp": 50.0}
+    owl = next(e for e in summarise(groups) if e["allocation"] == "owl")
+    assert owl["vs_uniform"]["mean"] == pytest.approx(99.0 / 110.0 - 1)  # not 80/110 or 99/100
+    assert len(found) == 2 and all("kept (new.json)" in w for w in found)

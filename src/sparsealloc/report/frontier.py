@@ -23,7 +23,8 @@ from .seeds import (
     collect_seeds,
     format_change,
     row_labels,
-    seeded_rows,
+    rows_by_run,
+    setting_of,
     sibling,
     summarise_one,
 )
@@ -32,7 +33,7 @@ from .seeds import (
 def collect_allocations(records: Iterable[tuple[str, dict]]) -> dict[tuple, dict[int, list]]:
     """``{row key: {seed: block sparsities}}`` over compare records (as :func:`collect_seeds`)."""
     out: dict[tuple, dict[int, list]] = {}
-    for key, seed, r in seeded_rows(records):
+    for _, key, seed, r in rows_by_run(records):
         if r.get("block_sparsity"):
             out.setdefault(key, {}).setdefault(seed, [float(v) for v in r["block_sparsity"]])
     return out
@@ -90,10 +91,6 @@ def shares_search_shift(search_key: tuple, key: tuple) -> bool:
     return all(mine.get(k) == theirs.get(k) for k in names)
 
 
-def _setting(key: tuple) -> tuple:
-    return key[:4] + (key[6],)
-
-
 def frontier(records: list[tuple[str, dict]]) -> list[dict]:
     """One entry per setting: its rows (:func:`~.seeds.summarise_one` entries with
     ``allocation_mean``, ``l1_from_search`` and, for ``+absorb`` rows, ``spearman_to_search``)
@@ -102,7 +99,7 @@ def frontier(records: list[tuple[str, dict]]) -> list[dict]:
     allocs = collect_allocations(records)
     settings: dict[tuple, list[tuple]] = {}
     for key in sorted(ppl, key=lambda k: (k[:4], str(k[6]))):
-        settings.setdefault(_setting(key), []).append(key)
+        settings.setdefault(setting_of(key), []).append(key)
     out = []
     for setting, keys in settings.items():
         searched = sorted((k for k in keys if k[4].startswith("search")),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -43,23 +44,40 @@ def seeded_rows(records: Iterable[tuple[str, dict]]) -> Iterator[tuple[tuple, in
             yield row_key(rec["model"], proto, r), seed, r
 
 
+def setting_of(key: tuple) -> tuple:
+    """The setting of a row key: model, pruner, sparsity, pattern and protocol."""
+    return key[:4] + (key[6],)
+
+
+def rows_by_run(records: Iterable[tuple[str, dict]]) -> list[tuple[str, tuple, int, dict]]:
+    """``(path, row key, seed, row)`` of every :func:`seeded_rows` row, ordered so that, for each
+    setting and seed, the rows of the file holding the most rows of that setting and seed come
+    first (ties: the order given). Taking the first value of each row and seed then keeps a
+    seed's rows from one run wherever that run has them, so a paired change compares two rows
+    of the same run rather than a row of one run with the base of an older one."""
+    items = [(path, key, seed, r) for path, rec in records
+             for key, seed, r in seeded_rows([(path, rec)])]
+    count = Counter((setting_of(key), seed, path) for path, key, seed, _ in items)
+    return sorted(items, key=lambda it: -count[(setting_of(it[1]), it[2], it[0])])
+
+
 def collect_seeds(records: Iterable[tuple[str, dict]],
                   conflicts: list[str] | None = None) -> dict[tuple, dict[int, float]]:
     """``{row key: {seed: main perplexity}}`` over compare records. A row seen twice with the
-    same seed should agree; the first is kept, and ``conflicts`` (when given) gets one markdown
-    comment per later value that differs (another thread count, code version or a setting not
-    recorded)."""
+    same seed should agree; the value kept is the one of the run (file) holding the most rows of
+    that setting and seed (:func:`rows_by_run`), and ``conflicts`` (when given) gets one
+    markdown comment per other value that differs (another thread count, code version or a
+    setting not recorded)."""
     out: dict[tuple, dict[int, float]] = {}
     source: dict[tuple, str] = {}
-    for path, rec in records:
-        for key, seed, r in seeded_rows([(path, rec)]):
-            ppl = next(iter(r["ppl"].values()))
-            kept = out.setdefault(key, {}).setdefault(seed, ppl)
-            first = source.setdefault((key, seed), path)
-            if conflicts is not None and not math.isclose(kept, ppl, rel_tol=1e-6):
-                conflicts.append(f"<!-- warning: {key[0]} {key[1]} {key[2]:.0%} {key[4]} seed "
-                                 f"{seed}: {kept:.4f} kept ({first}), {ppl:.4f} in {path} "
-                                 "differs -->")
+    for path, key, seed, r in rows_by_run(records):
+        ppl = next(iter(r["ppl"].values()))
+        kept = out.setdefault(key, {}).setdefault(seed, ppl)
+        first = source.setdefault((key, seed), path)
+        if conflicts is not None and not math.isclose(kept, ppl, rel_tol=1e-6):
+            conflicts.append(f"<!-- warning: {key[0]} {key[1]} {key[2]:.0%} {key[4]} seed "
+                             f"{seed}: {kept:.4f} kept ({first}), {ppl:.4f} in {path} "
+                             "differs -->")
     return out
 
 
