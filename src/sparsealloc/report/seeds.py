@@ -110,7 +110,7 @@ def sibling(groups: dict[tuple, T], key: tuple, allocation: str) -> T | None:
     """The row ``allocation`` of the same setting whose options the row shares (its base)."""
     mine = json.loads(key[5])
     for k, v in groups.items():
-        if k[:4] == key[:4] and k[6] == key[6] and k[4] == allocation:
+        if setting_of(k) == setting_of(key) and k[4] == allocation:
             theirs = json.loads(k[5])
             if all(mine.get(o) == theirs[o] for o in theirs):
                 return v
