@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 DATA ?= ../shared/data
 TORCH ?= torch==2.13.0
 
-.PHONY: install dev demo test lint bench clean
+.PHONY: install dev demo test lint docs bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,11 @@ test: dev
 	SPARSEALLOC_DATA=$(DATA) $(BIN)/python -m pytest -q
 
 lint: dev
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench tools
+
+# Rewrite the tables the docs quote from their `sparsealloc table` commands (review the diff).
+docs: dev
+	$(BIN)/python tools/refresh_doc_tables.py
 
 clean:
 	rm -rf runs .pytest_cache

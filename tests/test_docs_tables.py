@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import glob
 import json
-import re
-import shlex
 from pathlib import Path
 
 import pytest
@@ -14,39 +12,32 @@ from typer.testing import CliRunner
 
 from sparsealloc.cli import app
 from sparsealloc.report.compare import render_markdown
+from sparsealloc.report.docs import DOCS, doc_tables, refresh, table_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ("RESULTS.md", "FINDINGS.md", "BENCHMARKS.md", "README.md")
-FENCE = re.compile(r"```[^\n]*\n(.*?)```\n+((?:\|[^\n]*\n)+)", re.S)
-
-
-def _commands(text: str) -> list[tuple[str, str]]:
-    """(command, the table printed right after its code block) for each `sparsealloc table`."""
-    out = []
-    for block, table in FENCE.findall(text):
-        joined = block.replace("\\\n", " ")
-        for line in joined.splitlines():
-            if line.strip().startswith("sparsealloc table"):
-                out.append((line.strip(), table))
-    return out
-
-
-CASES = [(doc, cmd, table) for doc in DOCS for cmd, table in _commands((ROOT / doc).read_text())]
+CASES = [(doc, entry.command, entry.table) for doc in DOCS
+         for entry in doc_tables((ROOT / doc).read_text())]
 
 
 def test_the_docs_quote_table_commands():
     assert len(CASES) >= 2
 
 
+def test_refresh_rewrites_only_the_stale_table():
+    text = ("x\n```\nsparsealloc table a.json\n```\n\n| old |\n|---|\n\ny\n"
+            "```bash\nsparsealloc table \\\n  b.json\n```\n| same |\n")
+    outputs = {"sparsealloc table a.json": "note\n| new |\n|---|\n| 1 |\n",
+               "sparsealloc table    b.json": "| same |\n"}
+    new, changed = refresh(text, outputs.__getitem__)
+    assert changed == 1
+    assert new == text.replace("| old |\n|---|\n", "| new |\n|---|\n| 1 |\n")
+
+
 @pytest.mark.parametrize("doc, command, expected", CASES,
                          ids=[f"{d}:{i}" for i, (d, _, _) in enumerate(CASES)])
 def test_doc_table_regenerates(monkeypatch, doc, command, expected):
     monkeypatch.chdir(ROOT)
-    args = []
-    for word in shlex.split(command)[1:]:  # expand globs the way the shell would
-        matches = sorted(glob.glob(word)) if any(c in word for c in "*?[") else [word]
-        args += matches
-    res = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    res = CliRunner().invoke(app, table_arguments(command), env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     got = [line for line in res.output.splitlines() if line.startswith("|")]
     assert got == expected.strip().splitlines()
