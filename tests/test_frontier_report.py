@@ -225,3 +225,27 @@ def test_searches_are_one_reference_row_never_recommended():
     assert result["recommended"] == "b"  # not the search, though its worst case is lower
     text = render_summary(result)
     assert "(the default to recommend): `b`." in text and "not a candidate" in text
+
+
+def test_min_settings_leaves_out_allocations_measured_in_fewer_settings(tmp_path):
+    """owl+absorb is measured on m1 only: --min-settings 2 leaves it out and says so; uniform
+    stays, and the recommendation does not change (it needs every setting anyway)."""
+    settings = frontier(_two_settings())
+    full = summary(settings, defaults={"absorb_nsamples": 16})
+    kept = summary(settings, defaults={"absorb_nsamples": 16}, min_settings=2)
+    assert [r["label"] for r in kept["rows"]] == [r["label"] for r in full["rows"]
+                                                 if r["label"] != "owl+absorb"]
+    assert kept["left_out"] == 1 and full["left_out"] == 0
+    assert kept["recommended"] == full["recommended"] == "b"
+    assert "1 allocation(s) measured in fewer than 2 settings are left out" in render_summary(kept)
+    assert "left out" not in render_summary(full)
+    paths = []
+    for name, rec in _two_settings():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(rec))
+        paths.append(str(path))
+    assert "| owl+absorb |" not in table(paths, style="recommend", min_settings=2)
+    with pytest.raises(UserError, match="--min-settings filters"):
+        table(paths, style="grid", min_settings=2)
+    with pytest.raises(UserError, match="at least 1"):
+        summary(settings, min_settings=0)

@@ -487,6 +487,9 @@ def table(
         "--pruner", help="only the rows of this pruner")] = None,
     only_sparsity: Annotated[float | None, typer.Option(
         "--sparsity", help="only the rows of this target sparsity")] = None,
+    min_settings: Annotated[int, typer.Option(
+        help="frontier, recommend: leave out of the across-settings summary the allocations "
+        "measured in fewer settings (ablation variants run once)")] = 1,
 ) -> None:
     """Markdown tables from result files: rows are picked by their recorded options."""
     variant = {"absorb_mode": mode, "absorb_final": final, "absorb_gamma": parse_gamma(gamma)}
@@ -495,7 +498,7 @@ def table(
     typer.echo(render_table(files, style=style, variant=variant,
                             defaults=AllocationOptions().record(), all_groups=all_settings,
                             plot=plot, model=only_model, pruner=only_pruner,
-                            sparsity=only_sparsity))
+                            sparsity=only_sparsity, min_settings=min_settings))
 
 
 def main() -> None:

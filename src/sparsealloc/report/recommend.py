@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..errors import check
 from .seeds import format_change, options_text, significant
 
 COST_OPTIONS = frozenset({
@@ -50,11 +51,15 @@ def beats_uniform(change: dict | None) -> bool:
     return significant(change) and change["mean"] < 0
 
 
-def summary(settings: Sequence[dict], defaults: dict | None = None) -> dict:
-    """``{"settings": [names], "rows": [...], "recommended": label or None}``; each row has its
-    ``label``, per setting the paired change against uniform (``changes``, None where not
-    measured), ``beaten`` (settings where it beats uniform), ``worst`` (its largest change,
-    over the settings where it was measured) and ``complete`` (measured in every setting)."""
+def summary(settings: Sequence[dict], defaults: dict | None = None,
+            min_settings: int = 1) -> dict:
+    """``{"settings": [names], "rows": [...], "recommended": label or None, "left_out": n}``;
+    each row has its ``label``, per setting the paired change against uniform (``changes``,
+    None where not measured), ``beaten`` (settings where it beats uniform), ``worst`` (its
+    largest change, over the settings where it was measured) and ``complete`` (measured in
+    every setting). Rows measured in fewer than ``min_settings`` settings are left out (an
+    ablation variant run once) and counted in ``left_out``; uniform and the search never are."""
+    check(min_settings >= 1, f"--min-settings must be at least 1 (got {min_settings})")
     names = [setting_name(s) for s in settings]
     table: dict[str, list[dict | None]] = {}
     for i, s in enumerate(settings):
@@ -76,16 +81,19 @@ def summary(settings: Sequence[dict], defaults: dict | None = None) -> dict:
                 chosen[label] = change
         for label, change in chosen.items():
             table.setdefault(label, [None] * len(settings))[i] = change
-    rows = []
+    rows, left_out = [], 0
     for label, changes in table.items():
         measured = [c for c in changes if c is not None]
+        if len(measured) < min_settings and label not in ("uniform", SEARCH_LABEL):
+            left_out += 1
+            continue
         rows.append({"label": label, "changes": changes,
                      "beaten": sum(beats_uniform(c) for c in changes),
                      "worst": max(c["mean"] for c in measured),
                      "complete": len(measured) == len(settings)})
     rows.sort(key=lambda r: (not r["complete"], r["worst"], r["label"]))
     complete = [r for r in rows if r["complete"] and r["label"] != SEARCH_LABEL]
-    return {"settings": names, "rows": rows,
+    return {"settings": names, "rows": rows, "left_out": left_out, "min_settings": min_settings,
             "recommended": complete[0]["label"] if complete else None}
 
 
@@ -109,6 +117,9 @@ def render_summary(result: dict) -> str:
               "Lowest worst-case change over every setting (the default to recommend): "
               + (f"`{result['recommended']}`." if result["recommended"] else
                  "no allocation was measured in every setting.")]
+    if result.get("left_out"):
+        lines.append(f"{result['left_out']} allocation(s) measured in fewer than "
+                     f"{result['min_settings']} settings are left out (`--min-settings`).")
     if any(r["label"] == SEARCH_LABEL for r in result["rows"]):
         lines.append(f"`{SEARCH_LABEL}` is the reference each heuristic is measured against "
                      "(usually one seed), not a candidate for the default.")

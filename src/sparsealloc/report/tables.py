@@ -194,10 +194,11 @@ def only(records: list[tuple[str, dict]], model: str | None = None, pruner: str 
 def table(paths: list[str], *, style: str = "grid", variant: dict | None = None,
           defaults: dict | None = None, all_groups: bool = False,
           plot: str | Path | None = None, model: str | None = None, pruner: str | None = None,
-          sparsity: float | None = None) -> str:
+          sparsity: float | None = None, min_settings: int = 1) -> str:
     """The markdown of ``sparsealloc table``: the grid over all files, one table per file, the
     seeds summary, or the frontier (with ``plot``: its allocations figure too), over the rows
-    of ``model``, ``pruner`` and ``sparsity`` when given."""
+    of ``model``, ``pruner`` and ``sparsity`` when given; the across-settings summary keeps
+    the allocations measured in ``min_settings`` settings at least."""
     records = only(read_records(paths), model, pruner, sparsity)
     if style in ("frontier", "recommend"):
         conflicts = "".join(f"{w}\n" for w in seed_conflicts(records))
@@ -205,11 +206,13 @@ def table(paths: list[str], *, style: str = "grid", variant: dict | None = None,
         if plot is not None:
             plot_frontier(settings, plot)
         if style == "recommend":
-            return conflicts + render_summary(summary(settings, defaults))
+            return conflicts + render_summary(summary(settings, defaults, min_settings))
         text = render_frontier(settings, defaults)
         if len(settings) > 1:
-            text += "\n\n" + render_summary(summary(settings, defaults))
+            text += "\n\n" + render_summary(summary(settings, defaults, min_settings))
         return conflicts + text
+    check(min_settings == 1, "--min-settings filters the across-settings summary: use it with "
+          "--style frontier or recommend")
     check(plot is None, "--plot draws the frontier figure: use it with --style frontier or "
           "recommend")
     if style == "rows":
