@@ -247,5 +247,27 @@ def test_min_settings_leaves_out_allocations_measured_in_fewer_settings(tmp_path
     assert "| owl+absorb |" not in table(paths, style="recommend", min_settings=2)
     with pytest.raises(UserError, match="--min-settings filters"):
         table(paths, style="grid", min_settings=2)
+    for style in ("grid", "recommend"):
+        with pytest.raises(UserError, match="--min-seeds filters"):
+            table(paths, style=style, min_seeds=2)
+    assert "fewer than 2 seeds" in table(paths, style="frontier", min_seeds=2)
     with pytest.raises(UserError, match="at least 1"):
         summary(settings, min_settings=0)
+
+
+def test_min_seeds_leaves_out_rows_with_fewer_seeds_but_keeps_uniform_and_searches():
+    recs = _two_settings()
+    for _, rec in recs:
+        if rec["protocol"]["seed"] == 0 and rec["model"] == "m1":
+            rec["rows"].append(_row("search", 45.0, [0.5] * 4, 0, search_generations=3))
+    settings = [s for s in frontier(recs) if s["model"] == "m1"]
+    defaults = {"absorb_nsamples": 16}
+    full = render_frontier(settings, defaults)
+    kept = render_frontier(settings, defaults, min_seeds=2)
+    assert "| owl+absorb (absorb_nsamples=4) | 1 |" in full
+    assert "absorb_nsamples=4" not in kept and "| owl+absorb (absorb_nsamples=8) | 2 |" in kept
+    assert "| search | 1 |" in kept and "| uniform | 2 |" in kept
+    assert "1 row(s) with fewer than 2 seeds left out (`--min-seeds`)." in kept
+    assert "left out" not in full
+    with pytest.raises(UserError, match="at least 1"):
+        render_frontier(settings, defaults, min_seeds=0)

@@ -490,6 +490,9 @@ def table(
     min_settings: Annotated[int, typer.Option(
         help="frontier, recommend: leave out of the across-settings summary the allocations "
         "measured in fewer settings (ablation variants run once)")] = 1,
+    min_seeds: Annotated[int, typer.Option(
+        help="frontier: leave out the rows measured with fewer calibration seeds (uniform and "
+        "searched rows stay)")] = 1,
 ) -> None:
     """Markdown tables from result files: rows are picked by their recorded options."""
     variant = {"absorb_mode": mode, "absorb_final": final, "absorb_gamma": parse_gamma(gamma)}
@@ -498,7 +501,8 @@ def table(
     typer.echo(render_table(files, style=style, variant=variant,
                             defaults=AllocationOptions().record(), all_groups=all_settings,
                             plot=plot, model=only_model, pruner=only_pruner,
-                            sparsity=only_sparsity, min_settings=min_settings))
+                            sparsity=only_sparsity, min_settings=min_settings,
+                            min_seeds=min_seeds))
 
 
 def main() -> None:

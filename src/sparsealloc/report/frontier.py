@@ -17,6 +17,7 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 
+from ..errors import check
 from .seeds import (
     PROTOCOL_KEYS,
     base_of,
@@ -131,8 +132,12 @@ def frontier(records: list[tuple[str, dict]]) -> list[dict]:
     return out
 
 
-def render_frontier(settings: list[dict], defaults: dict | None = None) -> str:
-    """Markdown: one table per setting, rows by mean perplexity."""
+def render_frontier(settings: list[dict], defaults: dict | None = None,
+                    min_seeds: int = 1) -> str:
+    """Markdown: one table per setting, rows by mean perplexity; rows measured with fewer than
+    ``min_seeds`` calibration seeds are left out (and counted), except uniform and searched
+    rows (a search is one seed)."""
+    check(min_seeds >= 1, f"--min-seeds must be at least 1 (got {min_seeds})")
     blocks = []
     for s in settings:
         p = s["protocol"]
@@ -144,7 +149,9 @@ def render_frontier(settings: list[dict], defaults: dict | None = None) -> str:
         lines = [head, "", "| allocation | seeds | ppl mean ± sd | vs uniform (paired) | "
                  "+absorb vs base (paired) | L1 from search | Spearman(shift, search - base) |",
                  "|---|---|---|---|---|---|---|"]
-        ordered = sorted(s["rows"], key=lambda e: e["ppl_mean"])
+        shown = [e for e in s["rows"] if len(e["seeds"]) >= min_seeds
+                 or e["allocation"] == "uniform" or e["allocation"].startswith("search")]
+        ordered = sorted(shown, key=lambda e: e["ppl_mean"])
         for e, label in zip(ordered, row_labels(ordered, defaults), strict=True):
             rho = e.get("spearman_to_search")
             dist = e.get("l1_from_search")
@@ -155,9 +162,12 @@ def render_frontier(settings: list[dict], defaults: dict | None = None) -> str:
                 f" | {format_change(e.get('vs_base'))} | "
                 f"{'-' if dist is None else f'{dist:.2f}'} | "
                 f"{'-' if rho is None else f'{rho:+.2f}'}{mark} |")
-        if any(e.get("shares_search_shift") for e in s["rows"]):
+        if any(e.get("shares_search_shift") for e in shown):
             lines += ["", "† the search started from an allocation corrected with this row's "
                       "coefficients, so search - base contains about the row's own shift: not an "
                       "independent test."]
+        if len(shown) < len(s["rows"]):
+            lines += ["", f"{len(s['rows']) - len(shown)} row(s) with fewer than {min_seeds} "
+                      "seeds left out (`--min-seeds`)."]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)

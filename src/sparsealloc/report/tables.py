@@ -194,11 +194,12 @@ def only(records: list[tuple[str, dict]], model: str | None = None, pruner: str 
 def table(paths: list[str], *, style: str = "grid", variant: dict | None = None,
           defaults: dict | None = None, all_groups: bool = False,
           plot: str | Path | None = None, model: str | None = None, pruner: str | None = None,
-          sparsity: float | None = None, min_settings: int = 1) -> str:
+          sparsity: float | None = None, min_settings: int = 1, min_seeds: int = 1) -> str:
     """The markdown of ``sparsealloc table``: the grid over all files, one table per file, the
     seeds summary, or the frontier (with ``plot``: its allocations figure too), over the rows
-    of ``model``, ``pruner`` and ``sparsity`` when given; the across-settings summary keeps
-    the allocations measured in ``min_settings`` settings at least."""
+    of ``model``, ``pruner`` and ``sparsity`` when given; the frontier tables keep the rows
+    measured with ``min_seeds`` seeds at least, the across-settings summary the allocations
+    measured in ``min_settings`` settings at least."""
     records = only(read_records(paths), model, pruner, sparsity)
     if style in ("frontier", "recommend"):
         conflicts = "".join(f"{w}\n" for w in seed_conflicts(records))
@@ -206,13 +207,16 @@ def table(paths: list[str], *, style: str = "grid", variant: dict | None = None,
         if plot is not None:
             plot_frontier(settings, plot)
         if style == "recommend":
+            check(min_seeds == 1, "--min-seeds filters the frontier tables: use it with --style "
+                  "frontier")
             return conflicts + render_summary(summary(settings, defaults, min_settings))
-        text = render_frontier(settings, defaults)
+        text = render_frontier(settings, defaults, min_seeds)
         if len(settings) > 1:
             text += "\n\n" + render_summary(summary(settings, defaults, min_settings))
         return conflicts + text
     check(min_settings == 1, "--min-settings filters the across-settings summary: use it with "
           "--style frontier or recommend")
+    check(min_seeds == 1, "--min-seeds filters the frontier tables: use it with --style frontier")
     check(plot is None, "--plot draws the frontier figure: use it with --style frontier or "
           "recommend")
     if style == "rows":
