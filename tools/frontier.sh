@@ -14,11 +14,13 @@
 # Reduced protocols (RESULTS.md 7c): SmolLM2 and Gemma 32 x 512 calibration tokens, 16384
 # WikiText-2 tokens in windows of 1024, 4 probe sequences; Qwen 16 x 512, 8192, 8. One thread:
 # two runs side by side on two cores (the lessons: more threads per job are slower).
-# Environment: SPARSEALLOC (default: `sparsealloc` on PATH), SPARSEALLOC_DATA for WikiText-2.
+# Environment: SPARSEALLOC (default: `sparsealloc` on PATH), SPARSEALLOC_DATA for WikiText-2,
+# ONLY=label,label to run some of a seed's rows (e.g. ONLY=owl+absorb,owl+absorb_rdamage: rows
+# another run of that seed lacks; use another OUT_ROOT so that run's folder is not rewritten).
 set -euo pipefail
 
 if [ $# -lt 3 ]; then
-  sed -n '2,17p' "$0" >&2
+  awk 'NR > 1 && /^#/ {print; next} NR > 1 {exit}' "$0" >&2
   exit 2
 fi
 model=$1 setting=$2 seed=$3 root=${4:-runs/frontier}
@@ -48,6 +50,14 @@ case $seed in
           --row "owl+absorb_rdamage|owl+absorb|absorb_final=damage"
           --row "owl|owl|" --row "alpha|alpha|" --row "owl+absorb|owl+absorb|"
           --row "lsa|lsa|")
+    if [ -n "${ONLY:-}" ]; then
+      keep=()
+      for ((i = 1; i < ${#rows[@]}; i += 2)); do
+        case ",$ONLY," in *",${rows[i]%%|*},"*) keep+=(--row "${rows[i]}") ;; esac
+      done
+      [ ${#keep[@]} -gt 0 ] || { echo "error: ONLY=$ONLY names no row label" >&2; exit 2; }
+      rows=("${keep[@]}")
+    fi
     out=$root/$model-$setting-s$seed ;;
   search)
     # The start: the best seed-0 heuristic of the setting (linear:auto with the slope it chose).
