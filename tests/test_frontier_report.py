@@ -8,6 +8,7 @@ from sparsealloc.errors import UserError
 from sparsealloc.report.frontier import frontier, l1, render_frontier, spearman
 from sparsealloc.report.recommend import SEARCH_LABEL, render_summary, summary
 from sparsealloc.report.seeds import row_labels
+from sparsealloc.report.shift import render_shift, shift_summary
 from sparsealloc.report.tables import table
 
 PROTO = {"nsamples": 4, "seqlen": 16, "calib": "c4", "eval_seqlen": 16, "eval_tokens": 64,
@@ -271,3 +272,41 @@ def test_min_seeds_leaves_out_rows_with_fewer_seeds_but_keeps_uniform_and_search
     assert "left out" not in full
     with pytest.raises(UserError, match="at least 1"):
         render_frontier(settings, defaults, min_seeds=0)
+
+
+def _shift_settings():
+    """m (RECORDS): rho +0.95 over 4 blocks, independent; m2: the search started from the same
+    correction (not independent), rho -0.5; m3: rho +1 over 6 blocks (beyond 1.96/sqrt(5))."""
+    m2 = [_row("uniform", 100.0, [0.5] * 4, 0), _row("owl", 90.0, [0.4, 0.5, 0.6, 0.5], 0, owl_m=5),
+          _row("owl+absorb", 80.0, [0.3, 0.5, 0.6, 0.6], 0, owl_m=5, absorb_gamma=0.1),
+          _row("search:owl+absorb", 70.0, [0.6, 0.5, 0.4, 0.5], 0, owl_m=5, absorb_gamma=0.1)]
+    m3 = [_row("uniform", 100.0, [0.5] * 6, 0), _row("owl", 90.0, [0.5] * 6, 0, owl_m=5),
+          _row("owl+absorb", 80.0, [0.3, 0.4, 0.45, 0.55, 0.6, 0.7], 0, owl_m=5,
+               absorb_gamma=0.1),
+          _row("search", 70.0, [0.2, 0.4, 0.45, 0.55, 0.6, 0.8], 0, search_generations=3)]
+    return [*RECORDS, ("m2", _record(m2) | {"model": "m2"}), ("m3", _record(m3) | {"model": "m3"})]
+
+
+def test_shift_summary_counts_independent_tests_by_hand(tmp_path):
+    defaults = {"owl_m": 5, "absorb_gamma": 0.1}
+    result = shift_summary(frontier(_shift_settings()), defaults)
+    assert result["settings"] == ["m wanda 50%", "m2 wanda 50%", "m3 wanda 50%"]
+    (row,) = result["rows"]
+    assert row["label"] == "owl+absorb"
+    m, m2, m3 = row["cells"]
+    assert m["rho"] == pytest.approx(4.5 / (4.5 * 5) ** 0.5) and m["independent"]
+    assert m["critical"] == pytest.approx(1.96 / 3 ** 0.5) and not m["beyond"]
+    # shift (-.1, 0, 0, .1) against search - owl (.2, 0, -.2, 0): ranks give -2.25 / 4.5
+    assert m2["rho"] == pytest.approx(-0.5) and not m2["independent"]
+    assert m3["rho"] == pytest.approx(1.0) and m3["beyond"]  # 1 > 1.96 / sqrt(5) = 0.877
+    assert (row["tests"], row["positive"], row["beyond"]) == (2, 2, 1)
+    text = render_shift(result)
+    assert "| owl+absorb | +0.95 | -0.50 † | +1.00 * | 2/2 | 1/2 |" in text
+    assert "All corrections: 2 of 2 independent tests positive, 1 beyond" in text
+    paths = []
+    for name, rec in _shift_settings():
+        (tmp_path / f"{name}.json").write_text(json.dumps(rec))
+        paths.append(str(tmp_path / f"{name}.json"))
+    assert table(paths, style="shift", defaults=defaults) == text
+    assert shift_summary(frontier(_shift_settings()), defaults, min_settings=4)["left_out"] == 1
+

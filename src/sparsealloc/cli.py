@@ -469,7 +469,8 @@ def table(
                      "Spearman of each correction's shift against search minus its base "
                      "(several settings: with the across-settings summary); recommend: only "
                      "that summary (each allocation against uniform in every setting, the "
-                     "lowest worst case)")] =
+                     "lowest worst case); shift: each correction's Spearman against the search "
+                     "in every setting, counted over the independent tests")] =
     "grid",
     mode: Annotated[str, typer.Option(help="grid: absorb_mode of the +absorb rows")] = "prune",
     final: Annotated[str, typer.Option(help="grid: absorb_final of the +absorb rows")] = "last",

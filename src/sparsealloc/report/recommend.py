@@ -41,7 +41,8 @@ def setting_name(s: dict) -> str:
         f" {s['pattern']}" if s["pattern"] != "unstructured" else "")
 
 
-def _label(entry: dict, defaults: dict | None) -> str:
+def allocation_label(entry: dict, defaults: dict | None) -> str:
+    """The label of a row across settings: its spec and method options (no cost options)."""
     method = {k: v for k, v in entry["options"].items() if k not in COST_OPTIONS}
     return entry["allocation"] + options_text(dict(entry, options=method), defaults)
 
@@ -70,7 +71,7 @@ def summary(settings: Sequence[dict], defaults: dict | None = None,
                     continue
                 label = SEARCH_LABEL
             else:
-                label = _label(e, defaults)
+                label = allocation_label(e, defaults)
             if e["allocation"] == "uniform":
                 change = {"mean": 0.0, "se": None, "n": len(e["seeds"])}
             else:

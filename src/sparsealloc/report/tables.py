@@ -28,6 +28,7 @@ from .frontier import frontier, render_frontier
 from .plots import plot_frontier
 from .recommend import render_summary, summary
 from .seeds import collect_seeds, render_seeds, same_value, seed_conflicts, summarise
+from .shift import render_shift, shift_summary
 
 BASES = ("uniform", "owl", "alpha")
 COLUMNS = ("uniform", "uniform+absorb", "owl", "owl+absorb", "alpha", "alpha+absorb")
@@ -196,29 +197,33 @@ def table(paths: list[str], *, style: str = "grid", variant: dict | None = None,
           plot: str | Path | None = None, model: str | None = None, pruner: str | None = None,
           sparsity: float | None = None, min_settings: int = 1, min_seeds: int = 1) -> str:
     """The markdown of ``sparsealloc table``: the grid over all files, one table per file, the
-    seeds summary, or the frontier (with ``plot``: its allocations figure too), over the rows
+    seeds summary, the frontier (with ``plot``: its allocations figure too), the across-settings
+    recommendation or the correction's shift against the search, over the rows
     of ``model``, ``pruner`` and ``sparsity`` when given; the frontier tables keep the rows
     measured with ``min_seeds`` seeds at least, the across-settings summary the allocations
     measured in ``min_settings`` settings at least."""
     records = only(read_records(paths), model, pruner, sparsity)
-    if style in ("frontier", "recommend"):
+    if style in ("frontier", "recommend", "shift"):
         conflicts = "".join(f"{w}\n" for w in seed_conflicts(records))
         settings = frontier(records)
         if plot is not None:
             plot_frontier(settings, plot)
-        if style == "recommend":
+        if style != "frontier":
             check(min_seeds == 1, "--min-seeds filters the frontier tables: use it with --style "
                   "frontier")
+        if style == "recommend":
             return conflicts + render_summary(summary(settings, defaults, min_settings))
+        if style == "shift":
+            return conflicts + render_shift(shift_summary(settings, defaults, min_settings))
         text = render_frontier(settings, defaults, min_seeds)
         if len(settings) > 1:
             text += "\n\n" + render_summary(summary(settings, defaults, min_settings))
         return conflicts + text
-    check(min_settings == 1, "--min-settings filters the across-settings summary: use it with "
-          "--style frontier or recommend")
+    check(min_settings == 1, "--min-settings filters the across-settings summaries: use it with "
+          "--style frontier, recommend or shift")
     check(min_seeds == 1, "--min-seeds filters the frontier tables: use it with --style frontier")
-    check(plot is None, "--plot draws the frontier figure: use it with --style frontier or "
-          "recommend")
+    check(plot is None, "--plot draws the frontier figure: use it with --style frontier, "
+          "recommend or shift")
     if style == "rows":
         return "\n".join(render_rows(path, rec) for path, rec in records)
     if style == "seeds":
@@ -226,7 +231,8 @@ def table(paths: list[str], *, style: str = "grid", variant: dict | None = None,
         groups = collect_seeds(records, found)
         return "".join(f"{w}\n" for w in found) + render_seeds(summarise(groups), defaults)
     if style != "grid":
-        raise UserError(f"--style must be grid, rows, seeds, frontier or recommend (got {style!r})")
+        raise UserError(f"--style must be grid, rows, seeds, frontier, recommend or shift (got "
+                        f"{style!r})")
     warnings: list[str] = []
     groups = collect(records, variant or {}, defaults or {}, warnings)
     return "\n".join([*warnings, render_grid(groups, all_groups)])

@@ -1,0 +1,95 @@
+"""Across settings: does the correction move its base toward the searched allocation?
+
+For every ``+absorb`` row of every frontier setting with a search row, :mod:`.frontier` gives
+the Spearman rank correlation over blocks between the correction's shift (``+absorb`` minus its
+base) and the searched allocation minus the same base. Here those values are laid out one row
+per correction (matched across settings as in :mod:`.recommend`) and counted: how many of the
+*independent* tests are positive, and how many exceed the two-sided 5% critical value
+``1.96 / sqrt(L - 1)`` for L blocks (the large-sample approximation; 0.48 for 18 blocks, 0.42
+for 24, 0.36 for 30). A test is not independent when the search started from an allocation
+corrected with the same coefficients (``shares_search_shift``): search minus base then holds
+about the row's own shift.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from ..errors import check
+from .recommend import allocation_label, setting_name
+
+
+def critical_rho(blocks: int) -> float:
+    """Two-sided 5% critical value of Spearman's rho for ``blocks`` pairs (normal approx.)."""
+    check(blocks > 1, f"a Spearman test needs two blocks at least (got {blocks})")
+    return 1.96 / math.sqrt(blocks - 1)
+
+
+def shift_summary(settings: Sequence[dict], defaults: dict | None = None,
+                  min_settings: int = 1) -> dict:
+    """``{"settings": [names], "rows": [...], "left_out": n, "min_settings": k}``; each row has
+    its ``label``, per setting a cell (None where not measured) with ``rho``, ``critical``,
+    ``beyond`` and ``independent``, and its counts over the independent cells: ``tests``,
+    ``positive`` and ``beyond`` (positive and beyond the critical value)."""
+    check(min_settings >= 1, f"--min-settings must be at least 1 (got {min_settings})")
+    names = [setting_name(s) for s in settings]
+    table: dict[str, list[dict | None]] = {}
+    for i, s in enumerate(settings):
+        chosen: dict[str, tuple[int, dict]] = {}
+        for e in s["rows"]:
+            rho = e.get("spearman_to_search")
+            if rho is None:
+                continue
+            crit = critical_rho(len(e["allocation_mean"]))
+            cell = {"rho": rho, "critical": crit, "beyond": abs(rho) > crit,
+                    "independent": not e.get("shares_search_shift")}
+            label = allocation_label(e, defaults)
+            if label not in chosen or len(e["seeds"]) > chosen[label][0]:
+                chosen[label] = (len(e["seeds"]), cell)
+        for label, (_, cell) in chosen.items():
+            table.setdefault(label, [None] * len(settings))[i] = cell
+    rows, left_out = [], 0
+    for label, cells in table.items():
+        if sum(c is not None for c in cells) < min_settings:
+            left_out += 1
+            continue
+        tests = [c for c in cells if c is not None and c["independent"]]
+        rows.append({"label": label, "cells": cells, "tests": len(tests),
+                     "positive": sum(c["rho"] > 0 for c in tests),
+                     "beyond": sum(c["rho"] > 0 and c["beyond"] for c in tests)})
+    rows.sort(key=lambda r: (-r["tests"], -(r["positive"] / r["tests"]) if r["tests"] else 0,
+                             r["label"]))
+    return {"settings": names, "rows": rows, "left_out": left_out,
+            "min_settings": min_settings}
+
+
+def _cell(c: dict | None) -> str:
+    if c is None:
+        return "-"
+    return f"{c['rho']:+.2f}" + (" *" if c["beyond"] else "") + ("" if c["independent"] else " †")
+
+
+def render_shift(result: dict) -> str:
+    """Markdown: one row per correction, one column per setting, the counts, the totals."""
+    names = result["settings"]
+    lines = ["**The correction's shift against the search** (Spearman over blocks of +absorb "
+             "minus base against search minus base; `*`: beyond the 5% critical value "
+             "1.96/sqrt(L-1) for L blocks; †: the search started from an allocation corrected "
+             "with the same coefficients, not an independent test and not counted)", "",
+             "| +absorb row | " + " | ".join(names) + " | positive (of independent tests) |"
+             " beyond the critical value |",
+             "|---|" + "---|" * len(names) + "---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['label']} | " + " | ".join(_cell(c) for c in r["cells"])
+                     + f" | {r['positive']}/{r['tests']} | {r['beyond']}/{r['tests']} |")
+    tests = sum(r["tests"] for r in result["rows"])
+    lines += ["", f"All corrections: {sum(r['positive'] for r in result['rows'])} of {tests} "
+              f"independent tests positive, {sum(r['beyond'] for r in result['rows'])} beyond "
+              "the critical value."]
+    if not result["rows"]:
+        lines.append("No +absorb row has a search row in its setting to compare with.")
+    if result.get("left_out"):
+        lines.append(f"{result['left_out']} correction(s) measured in fewer than "
+                     f"{result['min_settings']} settings are left out (`--min-settings`).")
+    return "\n".join(lines)
