@@ -21,7 +21,8 @@ candidate evaluations: BENCHMARKS.md).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 from ..errors import check
 from .seeds import format_change, options_text, significant
@@ -34,6 +35,8 @@ COST_OPTIONS = frozenset({
 
 
 SEARCH_LABEL = "search (best of the setting's searches)"
+
+T = TypeVar("T")
 
 
 def setting_name(s: dict) -> str:
@@ -52,6 +55,44 @@ def beats_uniform(change: dict | None) -> bool:
     return significant(change) and change["mean"] < 0
 
 
+def across_settings(settings: Sequence[dict],
+                    cell: Callable[[dict], tuple[str, int, T] | None]) -> dict[str, list[T | None]]:
+    """``{label: [value per setting, None where not measured]}``: ``cell(row)`` gives a row's
+    ``(label, rank, value)`` (None: skip the row); of two rows of one setting with the same
+    label (e.g. probed with 4 and with 8 sequences) the one of higher rank (more seeds) counts."""
+    table: dict[str, list[T | None]] = {}
+    for i, s in enumerate(settings):
+        chosen: dict[str, tuple[int, T]] = {}
+        for e in s["rows"]:
+            found = cell(e)
+            if found is None:
+                continue
+            label, rank, value = found
+            if label not in chosen or rank > chosen[label][0]:
+                chosen[label] = (rank, value)
+        for label, (_, value) in chosen.items():
+            table.setdefault(label, [None] * len(settings))[i] = value
+    return table
+
+
+def measured_in(table: dict[str, list[T | None]], min_settings: int,
+                keep: Iterable[str] = ()) -> tuple[dict[str, list[T | None]], int]:
+    """The labels of ``table`` measured in ``min_settings`` settings at least (and ``keep``),
+    and how many were left out."""
+    check(min_settings >= 1, f"--min-settings must be at least 1 (got {min_settings})")
+    kept = {label: values for label, values in table.items()
+            if label in keep or sum(v is not None for v in values) >= min_settings}
+    return kept, len(table) - len(kept)
+
+
+def left_out_line(result: dict, what: str) -> list[str]:
+    """The line saying how many ``what`` ``--min-settings`` left out (none when it left none)."""
+    if not result.get("left_out"):
+        return []
+    return [f"{result['left_out']} {what} measured in fewer than {result['min_settings']} "
+            "settings are left out (`--min-settings`)."]
+
+
 def summary(settings: Sequence[dict], defaults: dict | None = None,
             min_settings: int = 1) -> dict:
     """``{"settings": [names], "rows": [...], "recommended": label or None, "left_out": n}``;
@@ -60,41 +101,32 @@ def summary(settings: Sequence[dict], defaults: dict | None = None,
     largest change, over the settings where it was measured) and ``complete`` (measured in
     every setting). Rows measured in fewer than ``min_settings`` settings are left out (an
     ablation variant run once) and counted in ``left_out``; uniform and the search never are."""
-    check(min_settings >= 1, f"--min-settings must be at least 1 (got {min_settings})")
-    names = [setting_name(s) for s in settings]
-    table: dict[str, list[dict | None]] = {}
-    for i, s in enumerate(settings):
-        chosen: dict[str, dict] = {}
-        for e in s["rows"]:
-            if e["allocation"].startswith("search"):
-                if not e.get("searched_reference"):
-                    continue
-                label = SEARCH_LABEL
-            else:
-                label = allocation_label(e, defaults)
-            if e["allocation"] == "uniform":
-                change = {"mean": 0.0, "se": None, "n": len(e["seeds"])}
-            else:
-                change = e.get("vs_uniform")
-            if change is None:
-                continue
-            if label not in chosen or change["n"] > chosen[label]["n"]:
-                chosen[label] = change
-        for label, change in chosen.items():
-            table.setdefault(label, [None] * len(settings))[i] = change
-    rows, left_out = [], 0
+    def cell(e: dict) -> tuple[str, int, dict] | None:
+        if e["allocation"].startswith("search"):
+            if not e.get("searched_reference"):
+                return None
+            label = SEARCH_LABEL
+        else:
+            label = allocation_label(e, defaults)
+        if e["allocation"] == "uniform":
+            change = {"mean": 0.0, "se": None, "n": len(e["seeds"])}
+        else:
+            change = e.get("vs_uniform")
+        return None if change is None else (label, change["n"], change)
+
+    table, left_out = measured_in(across_settings(settings, cell), min_settings,
+                                  keep=("uniform", SEARCH_LABEL))
+    rows = []
     for label, changes in table.items():
         measured = [c for c in changes if c is not None]
-        if len(measured) < min_settings and label not in ("uniform", SEARCH_LABEL):
-            left_out += 1
-            continue
         rows.append({"label": label, "changes": changes,
                      "beaten": sum(beats_uniform(c) for c in changes),
                      "worst": max(c["mean"] for c in measured),
                      "complete": len(measured) == len(settings)})
     rows.sort(key=lambda r: (not r["complete"], r["worst"], r["label"]))
     complete = [r for r in rows if r["complete"] and r["label"] != SEARCH_LABEL]
-    return {"settings": names, "rows": rows, "left_out": left_out, "min_settings": min_settings,
+    return {"settings": [setting_name(s) for s in settings], "rows": rows, "left_out": left_out,
+            "min_settings": min_settings,
             "recommended": complete[0]["label"] if complete else None}
 
 
@@ -118,9 +150,7 @@ def render_summary(result: dict) -> str:
               "Lowest worst-case change over every setting (the default to recommend): "
               + (f"`{result['recommended']}`." if result["recommended"] else
                  "no allocation was measured in every setting.")]
-    if result.get("left_out"):
-        lines.append(f"{result['left_out']} allocation(s) measured in fewer than "
-                     f"{result['min_settings']} settings are left out (`--min-settings`).")
+    lines += left_out_line(result, "allocation(s)")
     if any(r["label"] == SEARCH_LABEL for r in result["rows"]):
         lines.append(f"`{SEARCH_LABEL}` is the reference each heuristic is measured against "
                      "(usually one seed), not a candidate for the default.")

@@ -17,7 +17,13 @@ import math
 from collections.abc import Sequence
 
 from ..errors import check
-from .recommend import allocation_label, setting_name
+from .recommend import (
+    across_settings,
+    allocation_label,
+    left_out_line,
+    measured_in,
+    setting_name,
+)
 
 
 def critical_rho(blocks: int) -> float:
@@ -32,36 +38,26 @@ def shift_summary(settings: Sequence[dict], defaults: dict | None = None,
     its ``label``, per setting a cell (None where not measured) with ``rho``, ``critical``,
     ``beyond`` and ``independent``, and its counts over the independent cells: ``tests``,
     ``positive`` and ``beyond`` (positive and beyond the critical value)."""
-    check(min_settings >= 1, f"--min-settings must be at least 1 (got {min_settings})")
-    names = [setting_name(s) for s in settings]
-    table: dict[str, list[dict | None]] = {}
-    for i, s in enumerate(settings):
-        chosen: dict[str, tuple[int, dict]] = {}
-        for e in s["rows"]:
-            rho = e.get("spearman_to_search")
-            if rho is None:
-                continue
-            crit = critical_rho(len(e["allocation_mean"]))
-            cell = {"rho": rho, "critical": crit, "beyond": abs(rho) > crit,
-                    "independent": not e.get("shares_search_shift")}
-            label = allocation_label(e, defaults)
-            if label not in chosen or len(e["seeds"]) > chosen[label][0]:
-                chosen[label] = (len(e["seeds"]), cell)
-        for label, (_, cell) in chosen.items():
-            table.setdefault(label, [None] * len(settings))[i] = cell
-    rows, left_out = [], 0
+    def cell(e: dict) -> tuple[str, int, dict] | None:
+        rho = e.get("spearman_to_search")
+        if rho is None:
+            return None
+        crit = critical_rho(len(e["allocation_mean"]))
+        return (allocation_label(e, defaults), len(e["seeds"]),
+                {"rho": rho, "critical": crit, "beyond": abs(rho) > crit,
+                 "independent": not e.get("shares_search_shift")})
+
+    table, left_out = measured_in(across_settings(settings, cell), min_settings)
+    rows = []
     for label, cells in table.items():
-        if sum(c is not None for c in cells) < min_settings:
-            left_out += 1
-            continue
         tests = [c for c in cells if c is not None and c["independent"]]
         rows.append({"label": label, "cells": cells, "tests": len(tests),
                      "positive": sum(c["rho"] > 0 for c in tests),
                      "beyond": sum(c["rho"] > 0 and c["beyond"] for c in tests)})
     rows.sort(key=lambda r: (-r["tests"], -(r["positive"] / r["tests"]) if r["tests"] else 0,
                              r["label"]))
-    return {"settings": names, "rows": rows, "left_out": left_out,
-            "min_settings": min_settings}
+    return {"settings": [setting_name(s) for s in settings], "rows": rows,
+            "left_out": left_out, "min_settings": min_settings}
 
 
 def _cell(c: dict | None) -> str:
@@ -89,7 +85,5 @@ def render_shift(result: dict) -> str:
               "the critical value."]
     if not result["rows"]:
         lines.append("No +absorb row has a search row in its setting to compare with.")
-    if result.get("left_out"):
-        lines.append(f"{result['left_out']} correction(s) measured in fewer than "
-                     f"{result['min_settings']} settings are left out (`--min-settings`).")
+    lines += left_out_line(result, "correction(s)")
     return "\n".join(lines)
