@@ -11,6 +11,7 @@ from sparsealloc.allocation import AllocationOptions
 from sparsealloc.cli import app
 from sparsealloc.errors import UserError
 from sparsealloc.jobs.resume import differences
+from sparsealloc.report.seeds import row_key
 from sparsealloc.rows import RowSpec
 
 runner = CliRunner()
@@ -140,3 +141,22 @@ def test_a_row_that_predates_an_option_of_its_group_is_not_the_same_row():
     rec["allocation_details"]["options"]["linear_spans"] = [0.0, 0.5]
     assert differences(rec, row) == [
         "linear_spans=[0.0, 0.5] there, (0.0, 0.04, 0.08, 0.12, 0.16, 0.24, 0.32) now"]
+
+
+def test_what_an_allocation_records_about_its_run_is_not_an_option():
+    """linear:auto at the edge of its grid records `advice`, the search its result: a resumed
+    row with them is the same row (it was refused as `an option this version does not have`),
+    and the tables do not split it from the same row of a run that gave no advice."""
+    row = RowSpec.parse("wanda", "unstructured", 0.6, "linear:auto", AllocationOptions())
+    options = {"linear_beta": None, "linear_spans": [0.0, 0.04, 0.08, 0.12, 0.16, 0.24, 0.32],
+               "linear_beta_used": 0.0188, "linear_span_used": 0.32, "beta_curve": [],
+               "beta_tuned_on": "c4/tune",
+               "advice": ["linear:auto chose the largest span it tried (0.32); ..."]}
+    rec = {"pruner": {"name": "wanda"}, "pattern": "unstructured", "target_sparsity": 0.6,
+           "allocation": "linear:auto", "ppl": {"wikitext2": 150.0},
+           "allocation_details": {"options": options}}
+    assert differences(rec, row) == []
+    quiet = dict(rec, allocation_details={"options": {k: v for k, v in options.items()
+                                                      if k != "advice"}})
+    proto = {"nsamples": 4, "seqlen": 16}
+    assert row_key("m", proto, rec) == row_key("m", proto, quiet)

@@ -64,6 +64,19 @@ class AllocationOptions:
         return f"AllocationOptions({self.record()})"
 
 
+DERIVED_SUFFIXES = ("_used", "_curve", "_tuned_on")
+DERIVED_KEYS = frozenset({"search", "advice"})
+
+
+def set_options(recorded: dict) -> dict:
+    """The options of a recorded allocation that were *set*: without what the allocation
+    recorded about its own run (a tuned value ``*_used``, its ``*_curve`` and ``*_tuned_on``,
+    the search's result ``search``, ``advice`` on a choice at the end of a grid). Two rows with
+    the same set options are the same row, whatever their runs recorded."""
+    return {k: v for k, v in recorded.items()
+            if k not in DERIVED_KEYS and not k.endswith(DERIVED_SUFFIXES)}
+
+
 @dataclass(frozen=True)
 class _Empty:
     pass

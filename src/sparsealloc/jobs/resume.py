@@ -16,6 +16,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..allocation.options import set_options
 from ..allocation.registry import option_fields
 from ..errors import UserError
 from ..io import jsonable, read_json
@@ -27,8 +28,6 @@ from ..rows import RowSpec
 FILES = ("compare.json", "compare.partial.json")
 IGNORED_PROTOCOL = ("seed", "data_sources")
 """Protocol keys that may differ: every row records its seed; data paths move between hosts."""
-DERIVED = ("_used", "_curve", "_tuned_on")
-"""Option keys an allocator records about its own run (not options that were set)."""
 
 _HOW = "use another --out, or drop --resume to start over"
 
@@ -103,8 +102,7 @@ def differences(rec: dict, row: RowSpec) -> list[str]:
               ("allocation", rec.get("allocation"), row.allocation))
     out += [f"{what} {old} there, {new} now" for what, old, new in checks
             if not same_value(old, new)]
-    recorded = {k: v for k, v in ((rec.get("allocation_details") or {}).get("options") or {})
-                .items() if not k.endswith(DERIVED) and k != "search"}
+    recorded = set_options((rec.get("allocation_details") or {}).get("options") or {})
     now, group_of = row.options.record(), _groups()
     for key, old in sorted(recorded.items()):
         if key not in now:

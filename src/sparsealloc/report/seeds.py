@@ -18,6 +18,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+from ..allocation.options import set_options
+
 T = TypeVar("T")
 
 PROTOCOL_KEYS = ("nsamples", "seqlen", "calib", "eval_seqlen", "eval_tokens", "bos_per_window")
@@ -25,8 +27,7 @@ PROTOCOL_KEYS = ("nsamples", "seqlen", "calib", "eval_seqlen", "eval_tokens", "b
 
 def row_key(model: str, proto: dict, row: dict) -> tuple:
     details = row.get("allocation_details") or {}
-    opts = {k: v for k, v in (details.get("options") or {}).items()
-            if not k.endswith(("_used", "_curve", "_tuned_on")) and k != "search"}
+    opts = set_options(details.get("options") or {})
     return (model, row["pruner"]["name"], row["target_sparsity"], row.get("pattern",
             "unstructured"), row["allocation"], json.dumps(opts, sort_keys=True),
             tuple(bool(proto.get(k)) if k == "bos_per_window" else proto.get(k)
