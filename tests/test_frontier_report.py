@@ -135,11 +135,20 @@ def test_summary_across_settings_by_hand():
     assert rows["owl+absorb"]["changes"][0]["mean"] == pytest.approx(-0.2)
     assert not rows["owl+absorb"]["complete"] and rows["owl+absorb"]["changes"][1] is None
     assert rows["uniform"]["worst"] == 0.0
-    assert result["recommended"] == "b"  # minimax: b's worst (-5.5%) beats uniform's 0, a's +25%
+    assert result["least_worst"] == "b"  # minimax: b's worst (-5.5%) beats uniform's 0, a's +25%
+    # regret against each setting's best row: m1 best a (-50%), m2 best b (-5.5%)
+    # uniform: 1/0.5 - 1 = +100%; a: 1.25/0.945 - 1 = +32.3%; b: 0.9/0.5 - 1 = +80%;
+    # owl+absorb (m1 only): 0.8/0.5 - 1 = +60%
+    assert rows["uniform"]["worst_regret"] == pytest.approx(1.0)
+    assert rows["a"]["worst_regret"] == pytest.approx(1.25 / 0.945 - 1)
+    assert rows["b"]["worst_regret"] == pytest.approx(0.8)
+    assert rows["owl+absorb"]["worst_regret"] == pytest.approx(0.6)
+    assert result["least_regret"] == "a"  # of the complete rows; owl+absorb is not
     text = render_summary(result)
-    assert "Lowest worst-case change over every setting (the default to recommend): `b`." in text
+    assert "Lowest worst-case change against uniform over every setting: `b`." in text
+    assert "Lowest worst-case regret over every setting: `a`." in text
     assert "Beats uniform in every setting: none." in text
-    assert "| b | -10.0% ± 0.0% | -5.5% ± 0.5% * | 1/2 | -5.5% |" in text
+    assert "| b | -10.0% ± 0.0% | -5.5% ± 0.5% * | 1/2 | -5.5% | +80.0% |" in text
 
 
 def test_table_frontier_adds_the_summary_with_several_settings(tmp_path):
@@ -223,9 +232,13 @@ def test_searches_are_one_reference_row_never_recommended():
     assert row["changes"][0]["mean"] == pytest.approx(-0.6)
     assert row["changes"][1]["mean"] == pytest.approx(-0.1)
     assert row["complete"] and row["worst"] == pytest.approx(-0.1)
-    assert result["recommended"] == "b"  # not the search, though its worst case is lower
+    assert result["least_worst"] == "b"  # not the search, though its worst case is lower
+    # nor does the search set the regret's best (m1: a's -50%, not the search's -60%; m2: b's
+    # -5.5%): its regrets are negative, 0.4 / 0.5 - 1 and 0.9 / 0.945 - 1, the worst the latter
+    assert row["worst_regret"] == pytest.approx(0.9 / 0.945 - 1)
+    assert result["least_regret"] == "a"
     text = render_summary(result)
-    assert "(the default to recommend): `b`." in text and "not a candidate" in text
+    assert "against uniform over every setting: `b`." in text and "not a candidate" in text
 
 
 def test_min_settings_leaves_out_allocations_measured_in_fewer_settings(tmp_path):
@@ -237,7 +250,7 @@ def test_min_settings_leaves_out_allocations_measured_in_fewer_settings(tmp_path
     assert [r["label"] for r in kept["rows"]] == [r["label"] for r in full["rows"]
                                                  if r["label"] != "owl+absorb"]
     assert kept["left_out"] == 1 and full["left_out"] == 0
-    assert kept["recommended"] == full["recommended"] == "b"
+    assert kept["least_worst"] == full["least_worst"] == "b"
     assert "1 allocation(s) measured in fewer than 2 settings are left out" in render_summary(kept)
     assert "left out" not in render_summary(full)
     paths = []
