@@ -31,6 +31,9 @@ def test_refresh_rewrites_only_the_stale_table():
     new, changed = refresh(text, outputs.__getitem__)
     assert changed == 1
     assert new == text.replace("| old |\n|---|\n", "| new |\n|---|\n| 1 |\n")
+    # a block with no table after it is not joined to the next block's table
+    loose = "```\nsparsealloc table --plot x.png FILES\n```\n\ntext\n\n" + text
+    assert [e.command for e in doc_tables(loose)] == [e.command for e in doc_tables(text)]
 
 
 @pytest.mark.parametrize("doc, command, expected", CASES,

@@ -19,8 +19,9 @@ __all__ = ["DOCS", "DocTable", "table_arguments", "doc_tables", "refresh"]
 # The docs whose quoted tables are checked and refreshed.
 DOCS = ("RESULTS.md", "FINDINGS.md", "BENCHMARKS.md", "README.md")
 
-# A fenced block, blank lines, then the table (consecutive lines starting with "|").
-_FENCE = re.compile(r"```[^\n]*\n(.*?)```\n+((?:\|[^\n]*\n)+)", re.S)
+# A fenced block, blank lines, then the table (consecutive lines starting with "|"). The block
+# never spans a fence: a block with no table after it is not joined to the next one's table.
+_FENCE = re.compile(r"```[^\n]*\n((?:(?!```).)*?)```\n+((?:\|[^\n]*\n)+)", re.S)
 
 
 @dataclass(frozen=True)
