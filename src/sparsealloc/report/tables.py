@@ -203,14 +203,13 @@ def table(paths: list[str], *, style: str = "grid", variant: dict | None = None,
     measured with ``min_seeds`` seeds at least, the across-settings summary the allocations
     measured in ``min_settings`` settings at least."""
     records = only(read_records(paths), model, pruner, sparsity)
+    check(min_seeds == 1 or style == "frontier", "--min-seeds filters the frontier tables: use "
+          "it with --style frontier")
     if style in ("frontier", "recommend", "shift"):
         conflicts = "".join(f"{w}\n" for w in seed_conflicts(records))
         settings = frontier(records)
         if plot is not None:
             plot_frontier(settings, plot)
-        if style != "frontier":
-            check(min_seeds == 1, "--min-seeds filters the frontier tables: use it with --style "
-                  "frontier")
         if style == "recommend":
             return conflicts + render_summary(summary(settings, defaults, min_settings))
         if style == "shift":
@@ -221,7 +220,6 @@ def table(paths: list[str], *, style: str = "grid", variant: dict | None = None,
         return conflicts + text
     check(min_settings == 1, "--min-settings filters the across-settings summaries: use it with "
           "--style frontier, recommend or shift")
-    check(min_seeds == 1, "--min-seeds filters the frontier tables: use it with --style frontier")
     check(plot is None, "--plot draws the frontier figure: use it with --style frontier, "
           "recommend or shift")
     if style == "rows":
