@@ -345,15 +345,15 @@ def test_linear_auto_at_the_end_of_its_grid_says_how_to_widen_it(tmp_path, monke
     monkeypatch.setattr(tuning, "tune_corpus", lambda calib: held_out)
     monkeypatch.setattr(linear_mod, "tune_corpus", lambda calib: held_out)
     # the steepest slope scores best, so the choice lies at the grid's end
-    monkeypatch.setattr(linear_mod, "choose_on_tuning_slice", lambda session, label, cands, *a: (
-        cands[-1][0], [{label: value, "tune_ppl": 10.0 - i} for i, (value, _) in enumerate(cands)]))
+    monkeypatch.setattr(linear_mod, "score_candidates", lambda session, label, cands, *a: [
+        {label: value, "tune_ppl": 10.0 - i} for i, (value, _) in enumerate(cands)])
     out = tmp_path / "run"
     res = runner.invoke(app, ["prune", *_common(folder, text), "--allocation", "linear:auto",
                               "--linear-spans", "0.1,0.2", "--sparsity", "0.6", "--ppl", str(text),
                               "--eval-tokens", "256", "--out", str(out)])
     assert res.exit_code == 0, res.output
     advice = ("linear:auto chose the largest span it tried (0.2); a larger one may be better: "
-              "try --linear-spans 0.3,0.4,0.5")
+              "try --linear-spans 0.3,0.4,0.5 or --linear-extend 1")
     assert advice in res.output.replace("\n", " ")
     rec = json.loads((out / "result.json").read_text())
     assert rec["allocation_details"]["options"]["advice"] == [advice]

@@ -64,7 +64,7 @@ def searched(session: Session, alloc: Allocation, opts: AllocationOptions, prune
 
 def relevant_options(prefix: str, opts: AllocationOptions) -> dict:
     """The recorded options of one group (what an allocation row depended on)."""
-    return opts.record(prefix)
+    return opts.recorded(prefix)
 
 
 def expert_owl_split(session: Session, block_sparsity: list[float],

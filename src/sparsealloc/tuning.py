@@ -7,6 +7,7 @@ corpus (never the evaluation corpus); the model is restored to its dense weights
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from .errors import UserError
@@ -28,25 +29,84 @@ def tune_corpus(calib: str, what: str = "choosing a value on held-out text (--ab
     )
 
 
-def choose_on_tuning_slice(session: Session, label: str,
-                           candidates: Sequence[tuple[float, Sequence[float]]],
-                           pruner: str, pattern: str) -> tuple[float, list[dict]]:
-    """Prune with each ``(value, block_sparsity)`` and keep the value of lowest tuning perplexity.
+TUNE_RULES = ("min", "1se")
+"""How a tuned value is chosen from its curve: ``min`` the value of lowest tuning perplexity;
+``1se`` the value closest to 0 whose mean tuning NLL is within one paired standard error of the
+lowest (the one-standard-error rule: a gain the tuning slice cannot tell from noise does not
+move the choice away from the simpler value)."""
 
-    Ties go to the value closest to 0. Returns the value and the curve
-    ``[{label: value, "tune_ppl": ...}, ...]``; the model is dense again afterwards.
-    """
-    if not candidates:
-        raise UserError(f"no {label} values to choose from; give at least one")
+
+def check_rule(rule: str, flag: str) -> str:
+    if rule not in TUNE_RULES:
+        raise UserError(f"{flag} must be one of {', '.join(TUNE_RULES)} (got {rule!r}): min keeps "
+                        "the value of lowest tuning perplexity, 1se the one closest to 0 within "
+                        "one standard error of it")
+    return rule
+
+
+def score_candidates(session: Session, label: str,
+                     candidates: Sequence[tuple[float, Sequence[float]]],
+                     pruner: str, pattern: str) -> list[dict]:
+    """Prune with each ``(value, block_sparsity)`` and score it on the tuning slice: one curve
+    point ``{label: value, "tune_ppl", "tune_nll", "tune_window_nll"}`` each (the model is left
+    pruned with the last one; :func:`choose_on_tuning_slice` restores it)."""
     name, split = tune_corpus(session.protocol.calib)
     curve = []
     for value, block_sparsity in candidates:
         session.prune(pruner, pattern, block_sparsity, spec=f"{label}={value:g}")
-        ppl = session.perplexity([name], split, stage=f"{label}_search")[name]["ppl"]
-        curve.append({label: value, "tune_ppl": ppl})
-    session.restore_dense()
+        rec = session.perplexity([name], split, stage=f"{label}_search")[name]
+        point = {label: value, "tune_ppl": rec["ppl"]}
+        if "window_nll" in rec:
+            point["tune_nll"] = rec["mean_nll"]
+            point["tune_window_nll"] = list(rec["window_nll"])
+        curve.append(point)
+    return curve
+
+
+def paired_se(a: Sequence[float], b: Sequence[float]) -> float:
+    """Standard error of the mean of ``a_i - b_i`` (sample variance, ddof 1; 0 for one pair)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired values need the same windows ({len(a)} vs {len(b)})")
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    if len(d) < 2:
+        return 0.0
+    mean = sum(d) / len(d)
+    return math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+
+
+def choose(curve: list[dict], label: str, rule: str = "min") -> float:
+    """The chosen value of a scored curve (see :data:`TUNE_RULES`); ties go to the value closest
+    to 0. With the window NLLs recorded, each point gains ``tune_se``: the paired standard error
+    of its NLL difference to the lowest point (0 there)."""
+    check_rule(rule, "the tuning rule")
     best = min(curve, key=lambda c: (c["tune_ppl"], abs(c[label])))
-    return best[label], curve
+    paired = all("tune_window_nll" in c for c in curve)
+    if paired:
+        for c in curve:
+            c["tune_se"] = paired_se(c["tune_window_nll"], best["tune_window_nll"])
+    if rule == "min":
+        return best[label]
+    if not paired:
+        raise UserError("the one-standard-error rule needs the tuning slice's window NLLs; "
+                        "choose with the rule min instead")
+    near = [c for c in curve if c["tune_nll"] - best["tune_nll"] <= c["tune_se"]]
+    return min(near, key=lambda c: (abs(c[label]), c["tune_ppl"]))[label]
+
+
+def choose_on_tuning_slice(session: Session, label: str,
+                           candidates: Sequence[tuple[float, Sequence[float]]],
+                           pruner: str, pattern: str, rule: str = "min"
+                           ) -> tuple[float, list[dict]]:
+    """Prune with each ``(value, block_sparsity)`` and choose by ``rule`` (lowest tuning
+    perplexity by default). Returns the value and the curve
+    ``[{label: value, "tune_ppl": ...}, ...]``; the model is dense again afterwards."""
+    if not candidates:
+        raise UserError(f"no {label} values to choose from; give at least one")
+    try:
+        curve = score_candidates(session, label, candidates, pruner, pattern)
+    finally:
+        session.restore_dense()
+    return choose(curve, label, rule), curve
 
 
 def beyond_the_grid(curve: Sequence[dict], label: str, chosen: float, limit: float) -> list[float]:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from ..tuning import beyond_the_grid, choose_on_tuning_slice, tune_corpus
+from ..tuning import beyond_the_grid, check_rule, choose_on_tuning_slice, tune_corpus
 from .budget import as_vector, check_target, check_weights, restore_budget
 from .registry import option, register_options
 
@@ -171,6 +171,9 @@ class AbsorbOptions:
     nsamples: int = option(16, "calibration sequences the absorption probe uses (the first "
                            "ones)")
     draws: int = option(1, "noise draws per sequence for the probe")
+    select: str = option("min", "--absorb-gamma auto: min keeps the gamma of lowest tuning "
+                         "perplexity; 1se the smallest gamma within one paired standard error "
+                         "of it", when_set=True)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "gamma", parse_gamma(self.gamma))
@@ -181,6 +184,7 @@ class AbsorbOptions:
                                      ("--absorb-scale", self.scale, ("state", "update"))):
             if value not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(allowed)} (got {value!r})")
+        check_rule(self.select, "--absorb-select")
         checks = ((self.eta > 0, f"--absorb-eta must be positive (got {self.eta})"),
                   (self.clip > 0, f"--absorb-clip must be positive (got {self.clip})"),
                   (self.nsamples >= 1,
@@ -217,7 +221,7 @@ def choose_gamma(session, base: list[float], r: list[float], target: float,
                  gammas: tuple[float, ...] = AUTO_GAMMAS) -> tuple[float, list[dict]]:
     """Prune at every gamma and keep the one with the lowest tuning-slice perplexity."""
     candidates = [(gamma, corrected(session, base, r, gamma, target, opts)) for gamma in gammas]
-    return choose_on_tuning_slice(session, "gamma", candidates, pruner, pattern)
+    return choose_on_tuning_slice(session, "gamma", candidates, pruner, pattern, opts.select)
 
 
 def apply_correction(session, alloc, opts: AbsorbOptions, pruner: str = "wanda",

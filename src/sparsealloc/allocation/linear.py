@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from ..tuning import beyond_the_grid, choose_on_tuning_slice, tune_corpus
+from ..tuning import beyond_the_grid, check_rule, choose, score_candidates, tune_corpus
 from .budget import check_target, restore_budget
 from .registry import AllocationContext, Allocator, Base, option, register
 
@@ -50,11 +50,21 @@ class LinearOptions:
                                 "OWL's span)")
     spans: tuple[float, ...] = option(LINEAR_AUTO_SPANS, "linear:auto: total spans beta x (L-1) "
                                       "to try on the tuning slice (0 always added)")
+    select: str = option("min", "linear:auto: min keeps the span of lowest tuning perplexity; "
+                         "1se the smallest span within one paired standard error of it (a gain "
+                         "the tuning slice cannot tell from noise keeps the schedule flatter)",
+                         when_set=True)
+    extend: int = option(0, "linear:auto: when the chosen span is the largest tried, try up to "
+                         "three larger ones (below ATP's limit) and choose again, at most this "
+                         "many times", when_set=True)
 
     def __post_init__(self) -> None:
         if any(not 0 <= x < 1 for x in self.spans):
             raise UserError(f"--linear-spans must be in [0, 1), e.g. 0.08,0.16 (got "
                             f"{','.join(map(str, self.spans))})")
+        check_rule(self.select, "--linear-select")
+        if not 0 <= self.extend <= 10:
+            raise UserError(f"--linear-extend must be between 0 and 10 rounds (got {self.extend})")
 
 
 def span_limit(target: float) -> float:
@@ -93,18 +103,33 @@ class Linear(Allocator):
         if arg != "auto":
             beta = opts.beta if opts.beta is not None else 0.16 / max(L - 1, 1)
             return Base(linear_allocation(L, target, beta, weights=w).tolist())
-        candidates = [(beta, linear_allocation(L, target, beta, weights=w).tolist())
-                      for beta in linear_auto_betas(L, target, opts.spans)]
-        beta, curve = choose_on_tuning_slice(ctx.session, "beta", candidates, ctx.pruner,
-                                             ctx.pattern)
-        for point in curve:
-            point["span"] = point["beta"] * (L - 1)
+        limit = span_limit(target)
+
+        def scored(betas: Sequence[float]) -> list[dict]:
+            cands = [(b, linear_allocation(L, target, b, weights=w).tolist()) for b in betas]
+            points = score_candidates(ctx.session, "beta", cands, ctx.pruner, ctx.pattern)
+            for point in points:
+                point["span"] = point["beta"] * (L - 1)
+            return points
+
+        try:
+            curve = scored(linear_auto_betas(L, target, opts.spans))
+            beta = choose(curve, "beta", opts.select)
+            for _ in range(opts.extend):
+                wider = beyond_the_grid(curve, "span", beta * (L - 1), limit)
+                if not wider:
+                    break
+                curve += scored([x / max(L - 1, 1) for x in wider])
+                beta = choose(curve, "beta", opts.select)
+        finally:
+            ctx.session.restore_dense()
         record = {"linear_beta_used": beta, "linear_span_used": beta * (L - 1),
                   "beta_curve": curve,
                   "beta_tuned_on": "/".join(tune_corpus(ctx.session.protocol.calib))}
-        wider = beyond_the_grid(curve, "span", beta * (L - 1), span_limit(target))
+        wider = beyond_the_grid(curve, "span", beta * (L - 1), limit)
         if wider:
             record["advice"] = [
                 f"linear:auto chose the largest span it tried ({beta * (L - 1):g}); a larger one "
-                f"may be better: try --linear-spans {','.join(f'{x:g}' for x in wider)}"]
+                f"may be better: try --linear-spans {','.join(f'{x:g}' for x in wider)}"
+                + ("" if opts.extend else " or --linear-extend 1")]
         return Base(linear_allocation(L, target, beta, weights=w).tolist(), record=record)

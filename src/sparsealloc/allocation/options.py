@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import UserError
-from .registry import OPTION_GROUPS, key_of
+from .registry import OPTION_GROUPS, key_of, quiet_defaults
 
 
 class AllocationOptions:
@@ -56,6 +56,13 @@ class AllocationOptions:
                 out.update({key_of(p, f): getattr(values, f.name)
                             for f in dataclasses.fields(values)})
         return out
+
+    def recorded(self, prefix: str) -> dict:
+        """What a row using group ``prefix`` records: its options, less the ``when_set`` ones
+        left at their defaults (see :func:`~.registry.option`)."""
+        quiet = quiet_defaults()
+        return {k: v for k, v in self.record(prefix).items()
+                if not (k in quiet and v == quiet[k])}
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, AllocationOptions) and self.record() == other.record()

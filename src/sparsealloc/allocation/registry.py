@@ -32,9 +32,14 @@ from typing import Any, ClassVar
 from ..errors import UserError
 
 
-def option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - the CLI's word
-    """A dataclass field of an option group, with its ``--help`` text."""
-    return field(default=default, metadata={"help": help, **kwargs})
+def option(default: Any, help: str, when_set: bool = False,  # noqa: A002 - the CLI's word
+           **kwargs: Any) -> Any:
+    """A dataclass field of an option group, with its ``--help`` text.
+
+    ``when_set``: an option added after rows were recorded, whose default is how those rows
+    ran; a row records it only when it is set to something else, so that rows made before and
+    after it existed are the same row (``--resume`` takes them over, the tables pool them)."""
+    return field(default=default, metadata={"help": help, "when_set": when_set, **kwargs})
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,12 @@ def register_options(prefix: str, options: type) -> type:
 def key_of(prefix: str, f: dataclasses.Field) -> str:
     """The recorded key (and, with dashes, the CLI option) of an option field."""
     return f"{prefix}_{f.name.rstrip('_')}"
+
+
+def quiet_defaults() -> dict[str, Any]:
+    """``{key: default}`` of every ``when_set`` option (recorded only when not at its default)."""
+    return {key_of(prefix, f): f.default for prefix, options in OPTION_GROUPS.items()
+            for f in dataclasses.fields(options) if f.metadata.get("when_set")}
 
 
 def option_fields() -> list[tuple[str, str, dataclasses.Field, Any]]:

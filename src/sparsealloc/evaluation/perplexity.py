@@ -55,11 +55,13 @@ def perplexity(
 
 
 def perplexity_record(nll: torch.Tensor, windows: torch.Tensor) -> dict:
-    """The perplexity record (exp of the mean window NLL, and the numbers behind it)."""
+    """The perplexity record (exp of the mean window NLL, and the numbers behind it: each
+    window's mean NLL, so that two models scored on the same windows compare paired)."""
     mean = float(nll.mean())
     return {
         "ppl": math.exp(mean) if mean < 700 else float("inf"),
         "mean_nll": mean,
         "windows": int(windows.shape[0]),
         "tokens": int(windows.numel()),
+        "window_nll": [float(x) for x in nll.double().tolist()],
     }

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..allocation.options import set_options
-from ..allocation.registry import option_fields
+from ..allocation.registry import option_fields, quiet_defaults
 from ..errors import UserError
 from ..io import jsonable, read_json
 from ..protocol import EvalRequest
@@ -103,7 +103,10 @@ def differences(rec: dict, row: RowSpec) -> list[str]:
     out += [f"{what} {old} there, {new} now" for what, old, new in checks
             if not same_value(old, new)]
     recorded = set_options((rec.get("allocation_details") or {}).get("options") or {})
-    now, group_of = row.options.record(), _groups()
+    now, group_of, quiet = row.options.record(), _groups(), quiet_defaults()
+    # a when_set option left at its default is not recorded: absent there means the default
+    recorded = {k: quiet[k] for k in quiet if k not in recorded and group_of.get(k) in
+                {group_of.get(r) for r in recorded}} | recorded
     for key, old in sorted(recorded.items()):
         if key not in now:
             out.append(f"{key}={old} there, an option this version does not have")
