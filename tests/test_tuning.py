@@ -10,9 +10,11 @@ import sparsealloc.tuning as tuning
 from sparsealloc.allocation import AllocationContext, AllocationOptions
 from sparsealloc.allocation.linear import LINEAR_AUTO_SPANS, Linear
 from sparsealloc.errors import UserError
+from sparsealloc.evaluation.paired import paired_se
 from sparsealloc.evaluation.perplexity import perplexity_record
 from sparsealloc.jobs.resume import differences
 from sparsealloc.report.seeds import row_key
+from sparsealloc.report.tuned import render_tuned, tuned_choices
 from sparsealloc.rows import RowSpec
 
 
@@ -23,11 +25,11 @@ def _point(value, nll):
 
 def test_paired_standard_error_hand_computed():
     # d = (-0.05, 0.1, -0.05, 0.1): mean 0.025, sample variance 4 * 0.075^2 / 3 = 0.0075
-    se = tuning.paired_se([1.85, 2.2, 2.25, 2.6], [1.9, 2.1, 2.3, 2.5])
+    se = paired_se([1.85, 2.2, 2.25, 2.6], [1.9, 2.1, 2.3, 2.5])
     assert se == pytest.approx(math.sqrt(0.0075 / 4))
-    assert tuning.paired_se([1.0], [0.5]) == 0.0
+    assert paired_se([1.0], [0.5]) == 0.0
     with pytest.raises(ValueError):
-        tuning.paired_se([1.0, 2.0], [1.0])
+        paired_se([1.0, 2.0], [1.0])
 
 
 def test_min_keeps_the_lowest_and_1se_the_smallest_value_within_one_standard_error():
@@ -143,3 +145,50 @@ def test_options_added_later_are_recorded_only_when_set():
     chosen = dict(rec, allocation_details={
         "options": old | AllocationOptions(linear_select="1se").recorded("linear")})
     assert row_key("m", {}, chosen) != row_key("m", {}, rec)
+
+
+def _curve(label, values, windows, extra=None):
+    out = []
+    for v, w in zip(values, windows, strict=True):
+        point = {label: v, "tune_ppl": math.exp(sum(w) / len(w))}
+        if w is not None:
+            point |= {"tune_nll": sum(w) / len(w), "tune_window_nll": list(w)}
+        out.append(point | (extra(v) if extra else {}))
+    return out
+
+
+def _row(allocation, seed, ppl, options=None):
+    return {"pruner": {"name": "wanda"}, "target_sparsity": 0.6, "allocation": allocation,
+            "seed": seed, "ppl": {"wikitext2": ppl}, "label": allocation,
+            "allocation_details": {"options": options or {}}}
+
+
+def test_the_tuned_table_sets_each_choice_beside_the_1se_rules():
+    windows = [[2.0] * 4, [1.98, 1.98, 1.98, 2.03], [2.2] * 4]
+    linear = _curve("beta", [0.0, 0.02, 0.04], windows, lambda b: {"span": 4 * b})
+    old = [{k: v for k, v in c.items() if not k.startswith("tune_") or k == "tune_ppl"}
+           for c in linear]
+    gamma = _curve("gamma", [0.0, 0.04, 0.08], [[3.0, 3.1], [2.9, 3.15], [3.2, 3.3]])
+    rows = [_row("uniform", 0, 100.0), _row("owl", 0, 120.0, {"owl_m": 5}),
+            _row("linear:auto", 0, 97.0, {"linear_beta_used": 0.02, "beta_curve": linear}),
+            _row("owl+absorb", 0, 125.0, {"owl_m": 5, "absorb_gamma_used": 0.04,
+                                          "gamma_curve": gamma}),
+            _row("uniform", 1, 101.0),
+            _row("linear:auto", 1, 99.0, {"linear_beta_used": 0.02, "beta_curve": old})]
+    rec = {"model": "m", "protocol": {"nsamples": 4}, "rows": rows}
+    entries = {(e.allocation, e.seed): e for e in tuned_choices([("a.json", rec)])}
+    lin = entries[("linear:auto", 0)]
+    assert (lin.what, lin.chosen, lin.by_1se, lin.ppl, lin.ppl_1se) == (
+        "span", 0.08, 0.0, 97.0, 100.0)  # 1se falls back to uniform: the uniform row's ppl
+    assert lin.margin == pytest.approx(0.0075) and lin.se == pytest.approx(0.0125)
+    # gamma: 0.04 lowest (3.025), 0 is 0.025 worse with d = (0.1, -0.05): se 0.075, so 0 is
+    # within it and 1se picks the bare base, whose ppl is the owl row's
+    g = entries[("owl+absorb", 0)]
+    assert (g.what, g.chosen, g.by_1se, g.ppl_1se) == ("gamma", 0.04, 0.0, 120.0)
+    assert g.margin == pytest.approx(0.025) and g.se == pytest.approx(0.075)
+    older = entries[("linear:auto", 1)]
+    assert older.by_1se is None and older.ppl_1se is None and older.chosen == 0.08
+    text = render_tuned(list(entries.values()))
+    assert "| m wanda 60% | linear:auto | 0 | span 0.08 | 97.0 | 0 | +0.0075 ± 0.0125 | 100.0 |" \
+        in text
+    assert "2 of 3 tuned rows recorded window NLLs; the 1se rule chooses differently in 2" in text

@@ -470,7 +470,9 @@ def table(
                      "(several settings: with the across-settings summary); recommend: only "
                      "that summary (each allocation against uniform in every setting, the "
                      "lowest worst case); shift: each correction's Spearman against the search "
-                     "in every setting, counted over the independent tests")] =
+                     "in every setting, counted over the independent tests; tuned: each "
+                     "linear:auto / --absorb-gamma auto row's choice beside the one-standard-"
+                     "error rule's, from its recorded curve")] =
     "grid",
     mode: Annotated[str, typer.Option(help="grid: absorb_mode of the +absorb rows")] = "prune",
     final: Annotated[str, typer.Option(help="grid: absorb_final of the +absorb rows")] = "last",

@@ -7,11 +7,14 @@ corpus (never the evaluation corpus); the model is restored to its dense weights
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .errors import UserError
-from .session import Session
+from .evaluation.paired import paired_se
+
+if TYPE_CHECKING:  # the type only: the choice rules stay importable without a session
+    from .session import Session
 
 _NO_SLICE_FIX = ("give a number instead, e.g. --absorb-gamma 0.02 or --allocation linear")
 
@@ -61,17 +64,6 @@ def score_candidates(session: Session, label: str,
             point["tune_window_nll"] = list(rec["window_nll"])
         curve.append(point)
     return curve
-
-
-def paired_se(a: Sequence[float], b: Sequence[float]) -> float:
-    """Standard error of the mean of ``a_i - b_i`` (sample variance, ddof 1; 0 for one pair)."""
-    if len(a) != len(b) or not a:
-        raise ValueError(f"paired values need the same windows ({len(a)} vs {len(b)})")
-    d = [x - y for x, y in zip(a, b, strict=True)]
-    if len(d) < 2:
-        return 0.0
-    mean = sum(d) / len(d)
-    return math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
 
 
 def choose(curve: list[dict], label: str, rule: str = "min") -> float:

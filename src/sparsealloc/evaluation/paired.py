@@ -1,4 +1,5 @@
-"""Paired comparison of two zero-shot results on the same documents.
+"""Paired comparisons: two zero-shot results on the same documents, two perplexities on the same
+windows.
 
 Two pruned models evaluated on the same first-n documents of each task differ document by
 document; the standard error of their difference is far smaller than that of either accuracy
@@ -40,6 +41,18 @@ def paired_change(a: dict, b: dict, tasks: list[str] | None = None) -> dict | No
     se = math.sqrt(sum(v for _, v, _ in parts)) / len(parts)
     return {"points": 100 * diff, "se_points": 100 * se, "tasks": len(parts),
             "documents": sum(n for _, _, n in parts)}
+
+
+def paired_se(a: list[float], b: list[float]) -> float:
+    """Standard error of the mean of ``a_i - b_i`` (sample variance, ddof 1; 0 for one pair):
+    two models' NLLs on the same perplexity windows."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired values need the same windows ({len(a)} vs {len(b)})")
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    if len(d) < 2:
+        return 0.0
+    mean = sum(d) / len(d)
+    return math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
 
 
 def mean_stderr(rows: dict, tasks: list[str] | None = None) -> float | None:

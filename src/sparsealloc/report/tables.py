@@ -12,6 +12,7 @@ against the row of its bare base allocation.
 
 ``seeds`` (:mod:`.seeds`): every row's mean and spread over calibration seeds, paired changes.
 ``frontier`` (:mod:`.frontier`): ``seeds`` plus each row's distance from the searched allocation.
+``tuned`` (:mod:`.tuned`): each tuned row's choice beside the one-standard-error rule's.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .plots import plot_frontier
 from .recommend import render_summary, summary
 from .seeds import collect_seeds, render_seeds, same_value, seed_conflicts, summarise
 from .shift import render_shift, shift_summary
+from .tuned import render_tuned, tuned_choices
 
 BASES = ("uniform", "owl", "alpha")
 COLUMNS = ("uniform", "uniform+absorb", "owl", "owl+absorb", "alpha", "alpha+absorb")
@@ -224,13 +226,15 @@ def table(paths: list[str], *, style: str = "grid", variant: dict | None = None,
           "recommend or shift")
     if style == "rows":
         return "\n".join(render_rows(path, rec) for path, rec in records)
+    if style == "tuned":
+        return render_tuned(tuned_choices(records))
     if style == "seeds":
         found: list[str] = []
         groups = collect_seeds(records, found)
         return "".join(f"{w}\n" for w in found) + render_seeds(summarise(groups), defaults)
     if style != "grid":
-        raise UserError(f"--style must be grid, rows, seeds, frontier, recommend or shift (got "
-                        f"{style!r})")
+        raise UserError(f"--style must be grid, rows, seeds, frontier, recommend, shift or tuned "
+                        f"(got {style!r})")
     warnings: list[str] = []
     groups = collect(records, variant or {}, defaults or {}, warnings)
     return "\n".join([*warnings, render_grid(groups, all_groups)])
