@@ -5,6 +5,7 @@ import json
 import pytest
 
 from sparsealloc.errors import UserError
+from sparsealloc.report.coverage import coverage, render_coverage
 from sparsealloc.report.frontier import frontier, l1, render_frontier, spearman
 from sparsealloc.report.recommend import SEARCH_LABEL, render_summary, summary
 from sparsealloc.report.seeds import row_labels
@@ -323,3 +324,23 @@ def test_shift_summary_counts_independent_tests_by_hand(tmp_path):
     assert table(paths, style="shift", defaults=defaults) == text
     assert shift_summary(frontier(_shift_settings()), defaults, min_settings=4)["left_out"] == 1
 
+
+
+def test_coverage_shows_the_seeds_each_table_uses():
+    """owl+absorb on m1: the 8-sequence variant (seeds 0, 1) counts, not the 4-sequence one
+    (seed 0); it is not measured on m2; a search is one seed and never counted short."""
+    recs = _two_settings()
+    recs[0][1]["rows"].append(_row("search", 45.0, [0.5] * 4, 0, search_generations=3))
+    result = coverage(frontier(recs), defaults={"absorb_nsamples": 16}, seeds=3)
+    rows = {r["label"]: r["seeds"] for r in result["rows"]}
+    assert rows["owl+absorb"] == [[0, 1], None]
+    assert rows["uniform"] == rows["a"] == rows["b"] == [[0, 1], [0, 1]]
+    assert rows[SEARCH_LABEL] == [[0], None]
+    assert (result["short"], result["missing"]) == (7, 1)
+    text = render_coverage(result)
+    assert "| owl+absorb | 0,1 < | - |" in text and "| search (best of the setting's searches) " \
+        "| 0 | - |" in text
+    assert "7 measured cells have fewer than 3 seeds; 1 cells are not measured" in text
+    assert coverage(frontier(recs), seeds=2)["short"] == 0
+    kept = coverage(frontier(recs), min_settings=2)
+    assert "owl+absorb" not in {r["label"] for r in kept["rows"]} and kept["left_out"] == 1

@@ -470,7 +470,8 @@ def table(
                      "(several settings: with the across-settings summary); recommend: only "
                      "that summary (each allocation against uniform in every setting, the "
                      "lowest worst case); shift: each correction's Spearman against the search "
-                     "in every setting, counted over the independent tests; tuned: each "
+                     "in every setting, counted over the independent tests; coverage: the "
+                     "calibration seeds of each allocation in every setting; tuned: each "
                      "linear:auto / --absorb-gamma auto row's choice beside the one-standard-"
                      "error rule's, from its recorded curve")] =
     "grid",

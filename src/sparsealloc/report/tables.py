@@ -12,6 +12,7 @@ against the row of its bare base allocation.
 
 ``seeds`` (:mod:`.seeds`): every row's mean and spread over calibration seeds, paired changes.
 ``frontier`` (:mod:`.frontier`): ``seeds`` plus each row's distance from the searched allocation.
+``coverage`` (:mod:`.coverage`): the seeds each allocation was measured with, every setting.
 ``tuned`` (:mod:`.tuned`): each tuned row's choice beside the one-standard-error rule's.
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from ..errors import UserError, check
 from ..io import read_json
+from .coverage import coverage, render_coverage
 from .frontier import frontier, render_frontier
 from .plots import plot_frontier
 from .recommend import render_summary, summary
@@ -207,7 +209,7 @@ def table(paths: list[str], *, style: str = "grid", variant: dict | None = None,
     records = only(read_records(paths), model, pruner, sparsity)
     check(min_seeds == 1 or style == "frontier", "--min-seeds filters the frontier tables: use "
           "it with --style frontier")
-    if style in ("frontier", "recommend", "shift"):
+    if style in ("frontier", "recommend", "shift", "coverage"):
         conflicts = "".join(f"{w}\n" for w in seed_conflicts(records))
         settings = frontier(records)
         if plot is not None:
@@ -216,6 +218,8 @@ def table(paths: list[str], *, style: str = "grid", variant: dict | None = None,
             return conflicts + render_summary(summary(settings, defaults, min_settings))
         if style == "shift":
             return conflicts + render_shift(shift_summary(settings, defaults, min_settings))
+        if style == "coverage":
+            return render_coverage(coverage(settings, defaults, min_settings))
         text = render_frontier(settings, defaults, min_seeds)
         if len(settings) > 1:
             text += "\n\n" + render_summary(summary(settings, defaults, min_settings))
@@ -233,8 +237,8 @@ def table(paths: list[str], *, style: str = "grid", variant: dict | None = None,
         groups = collect_seeds(records, found)
         return "".join(f"{w}\n" for w in found) + render_seeds(summarise(groups), defaults)
     if style != "grid":
-        raise UserError(f"--style must be grid, rows, seeds, frontier, recommend, shift or tuned "
-                        f"(got {style!r})")
+        raise UserError(f"--style must be grid, rows, seeds, frontier, recommend, shift, "
+                        f"coverage or tuned (got {style!r})")
     warnings: list[str] = []
     groups = collect(records, variant or {}, defaults or {}, warnings)
     return "\n".join([*warnings, render_grid(groups, all_groups)])
