@@ -163,32 +163,47 @@ def _row(allocation, seed, ppl, options=None):
             "allocation_details": {"options": options or {}}}
 
 
-def test_the_tuned_table_sets_each_choice_beside_the_1se_rules():
+def test_the_tuned_table_sets_each_rules_choice_side_by_side():
     windows = [[2.0] * 4, [1.98, 1.98, 1.98, 2.03], [2.2] * 4]
     linear = _curve("beta", [0.0, 0.02, 0.04], windows, lambda b: {"span": 4 * b})
+    # seed 1: 0.04 lowest (1.975); 0.02 is 0.0025 worse, d = (0.02, -0.02, 0.02, -0.01),
+    # se sqrt(0.000425 / 4): within it, so 1se keeps 0.02; 0 is 0.125 worse, se 0.032
+    seed1 = _curve("beta", [0.0, 0.02, 0.04], [[2.1] * 4, [1.92, 1.93, 2.02, 2.04],
+                                               [1.9, 1.95, 2.0, 2.05]], lambda b: {"span": 4 * b})
     old = [{k: v for k, v in c.items() if not k.startswith("tune_") or k == "tune_ppl"}
-           for c in linear]
+           for c in seed1]
     gamma = _curve("gamma", [0.0, 0.04, 0.08], [[3.0, 3.1], [2.9, 3.15], [3.2, 3.3]])
     rows = [_row("uniform", 0, 100.0), _row("owl", 0, 120.0, {"owl_m": 5}),
             _row("linear:auto", 0, 97.0, {"linear_beta_used": 0.02, "beta_curve": linear}),
             _row("owl+absorb", 0, 125.0, {"owl_m": 5, "absorb_gamma_used": 0.04,
                                           "gamma_curve": gamma}),
             _row("uniform", 1, 101.0),
-            _row("linear:auto", 1, 99.0, {"linear_beta_used": 0.02, "beta_curve": old})]
-    rec = {"model": "m", "protocol": {"nsamples": 4}, "rows": rows}
-    entries = {(e.allocation, e.seed): e for e in tuned_choices([("a.json", rec)])}
-    lin = entries[("linear:auto", 0)]
-    assert (lin.what, lin.chosen, lin.by_1se, lin.ppl, lin.ppl_1se) == (
-        "span", 0.08, 0.0, 97.0, 100.0)  # 1se falls back to uniform: the uniform row's ppl
+            _row("linear:auto", 1, 99.0, {"linear_beta_used": 0.04, "beta_curve": old})]
+    rerun = [_row("linear:auto", 1, 98.0, {"linear_beta_used": 0.02, "beta_curve": seed1,
+                                           "linear_select": "1se"})]
+    recs = [("a.json", {"model": "m", "protocol": {"nsamples": 4}, "rows": rows}),
+            ("b.json", {"model": "m", "protocol": {"nsamples": 4}, "rows": rerun})]
+    entries = {(e.allocation, e.seed, e.rule): e for e in tuned_choices(recs)}
+    lin = entries[("linear:auto", 0, "min")]
+    assert (lin.what, lin.chosen, lin.ppl) == ("span", {"min": 0.08, "1se": 0.0},
+                                               {"min": 97.0, "1se": 100.0})  # 0: uniform's
     assert lin.margin == pytest.approx(0.0075) and lin.se == pytest.approx(0.0125)
     # gamma: 0.04 lowest (3.025), 0 is 0.025 worse with d = (0.1, -0.05): se 0.075, so 0 is
     # within it and 1se picks the bare base, whose ppl is the owl row's
-    g = entries[("owl+absorb", 0)]
-    assert (g.what, g.chosen, g.by_1se, g.ppl_1se) == ("gamma", 0.04, 0.0, 120.0)
+    g = entries[("owl+absorb", 0, "min")]
+    assert (g.what, g.chosen, g.ppl) == ("gamma", {"min": 0.04, "1se": 0.0},
+                                         {"min": 125.0, "1se": 120.0})
     assert g.margin == pytest.approx(0.025) and g.se == pytest.approx(0.075)
-    older = entries[("linear:auto", 1)]
-    assert older.by_1se is None and older.ppl_1se is None and older.chosen == 0.08
-    text = render_tuned(list(entries.values()))
-    assert "| m wanda 60% | linear:auto | 0 | span 0.08 | 97.0 | 0 | +0.0075 ± 0.0125 | 100.0 |" \
-        in text
-    assert "2 of 3 tuned rows recorded window NLLs; the 1se rule chooses differently in 2" in text
+    older = entries[("linear:auto", 1, "min")]  # no window NLLs: min from its perplexities
+    assert older.chosen == {"min": 0.16, "1se": None} and older.ppl == {"min": 99.0, "1se": None}
+    # the 1se rerun of seed 1: its min choice was evaluated by the older row
+    new = entries[("linear:auto", 1, "1se")]
+    assert new.chosen == pytest.approx({"min": 0.16, "1se": 0.08})
+    assert new.ppl == {"min": 99.0, "1se": 98.0}
+    assert new.margin == pytest.approx(0.0025) and new.se == pytest.approx(math.sqrt(0.000425 / 4))
+    text = render_tuned(tuned_choices(recs))
+    assert "| m wanda 60% | linear:auto | 0 | min | span 0.08 | 0 | +0.0075 ± 0.0125 | 97.0 | " \
+        "100.0 |" in text
+    assert ("3 of 4 tuned rows recorded window NLLs; the 1se rule chooses differently in 3 of "
+            "them, and where both choices were evaluated (3) changes the perplexity by ") in text
+    assert "+3.1%" in text and "-4.0%" in text and "-1.0%" in text
