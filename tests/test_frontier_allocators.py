@@ -4,10 +4,12 @@ import json
 
 import pytest
 import torch
+from fake_session import TuningSessionBase
 from tiny_models import save_tiny
 from typer.testing import CliRunner
 
 import sparsealloc.allocation.linear as linear_mod
+import sparsealloc.session as session_mod
 import sparsealloc.tuning as tuning
 from sparsealloc import allocation as A
 from sparsealloc.allocation import AllocationContext, AllocationOptions
@@ -288,12 +290,9 @@ def test_linear_auto_end_to_end(tmp_path, monkeypatch):
 def test_linear_auto_picks_the_lowest_tuning_perplexity(monkeypatch):
     pruned = []
 
-    class FakeSession:
-        protocol = type("P", (), {"calib": "c4", "device": "cpu"})()
+    class FakeSession(TuningSessionBase):
         params_per_block = [1, 1, 1, 1, 1]
         arch = type("Arch", (), {"num_blocks": 5})()
-        model = None
-        progress = False
 
         def restore_dense(self):
             pruned.append("restored")
@@ -357,3 +356,45 @@ def test_linear_auto_at_the_end_of_its_grid_says_how_to_widen_it(tmp_path, monke
     assert advice in res.output.replace("\n", " ")
     rec = json.loads((out / "result.json").read_text())
     assert rec["allocation_details"]["options"]["advice"] == [advice]
+
+
+def test_a_tuning_cut_short_goes_on_from_its_scored_candidates(tmp_path, monkeypatch):
+    """Each tuning score is cached as soon as it is measured: after a crash on the third
+    candidate, the same row runs again pruning only that one, and gets the curve and choice
+    an uninterrupted tuning gets."""
+    folder, text = save_tiny(tmp_path)
+    held_out = (str(text), "eval")
+    monkeypatch.setattr(tuning, "tune_corpus", lambda calib: held_out)
+    monkeypatch.setattr(linear_mod, "tune_corpus", lambda calib: held_out)
+    proto = Protocol(nsamples=4, seqlen=32, calib="c4", eval_tokens=256)
+    opts = AllocationOptions(linear_spans=(0.1, 0.3))
+
+    def session_counting(fail_at=None):
+        session = Session(str(folder), proto, progress=False)
+        pruned, score = [], session.perplexity
+
+        def perplexity(corpora, split, stage="eval_ppl"):
+            if len(pruned) == fail_at:
+                raise RuntimeError("the session ended")
+            return score(corpora, split, stage)
+        monkeypatch.setattr(session, "perplexity", perplexity)
+        prune = session.prune
+        monkeypatch.setattr(session, "prune", lambda *a, **k: (pruned.append(1), prune(*a, **k))[1])
+        return session, pruned
+
+    session, pruned = session_counting(fail_at=3)
+    with pytest.raises(RuntimeError, match="session ended"):
+        compute_allocation(session, "linear:auto", 0.6, opts)
+    assert len(pruned) == 3  # spans 0 and 0.1 scored, 0.3 pruned when the run stopped
+    session, pruned = session_counting()
+    alloc = compute_allocation(session, "linear:auto", 0.6, opts)
+    assert len(pruned) == 1  # only span 0.3
+    curve = alloc.options["beta_curve"]
+    assert [c.get("cached", False) for c in curve] == [True, True, False]
+    monkeypatch.setattr(session_mod, "cache_root", lambda: tmp_path / "empty-cache")
+    again = compute_allocation(Session(str(folder), proto, progress=False), "linear:auto", 0.6,
+                               opts)  # uninterrupted, nothing cached
+    assert not any(c.get("cached") for c in again.options["beta_curve"])
+    for a, b in zip(again.options["beta_curve"], curve, strict=True):
+        assert a["tune_window_nll"] == pytest.approx(b["tune_window_nll"], rel=1e-6)
+    assert again.block_sparsity == alloc.block_sparsity

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from fake_session import TuningSessionBase
 
 import sparsealloc.tuning as tuning
 from sparsealloc.allocation import AllocationContext, AllocationOptions
@@ -64,10 +65,9 @@ def test_a_perplexity_record_keeps_each_windows_nll():
     assert rec["window_nll"] == [2.0, 3.0] and rec["ppl"] == pytest.approx(math.exp(2.5))
 
 
-class FakeSession:
+class FakeSession(TuningSessionBase):
     """Tuning perplexity as a function of the schedule's span (last block minus first)."""
 
-    protocol = type("P", (), {"calib": "c4", "device": "cpu"})()
     params_per_block = [1, 1, 1, 1, 1]
     arch = type("Arch", (), {"num_blocks": 5})()
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from fake_session import TuningSessionBase
 from tiny_models import save_tiny
 from typer.testing import CliRunner
 
@@ -104,11 +105,8 @@ def test_compare_crash_keeps_finished_rows_marked_incomplete(tmp_path, monkeypat
 def test_auto_gamma_picks_zero_when_every_gamma_hurts(monkeypatch):
     calls = []
 
-    class FakeSession:
-        protocol = type("P", (), {"calib": "c4", "device": "cpu"})()
+    class FakeSession(TuningSessionBase):
         params_per_block = [1, 1, 1]
-        model = None
-        progress = False
 
         def restore_dense(self):
             pass

@@ -7,11 +7,15 @@ corpus (never the evaluation corpus); the model is restored to its dense weights
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .errors import UserError
 from .evaluation.paired import paired_se
+from .io import jsonable
+from .pruners import get_pruner
 
 if TYPE_CHECKING:  # the type only: the choice rules stay importable without a session
     from .session import Session
@@ -47,21 +51,59 @@ def check_rule(rule: str, flag: str) -> str:
     return rule
 
 
+TUNE_CACHE_VERSION = 1
+
+
+def point_key(session: Session, block_sparsity: Sequence[float], pruner: str, pattern: str,
+              name: str, split: str) -> str:
+    """The on-disk cache key of one scored candidate: the model and its weights, the pruner
+    (all its options), the pattern, the allocation to the last bit, the tuning slice and every
+    protocol setting the pruned model or its score depends on."""
+    p = session.protocol
+    blob = json.dumps({"v": TUNE_CACHE_VERSION, "model": session.model_id,
+                       "weights": session.weights_fingerprint,
+                       "pruner": jsonable(get_pruner(pruner).config()), "pattern": pattern,
+                       "block_sparsity": [float(x).hex() for x in block_sparsity],
+                       "tune": [name, split], "seqlen": p.seqlen, "calib": p.calib,
+                       "seed": p.seed, "nsamples": p.nsamples, "batch": p.batch_size,
+                       "bos_per_window": p.bos_per_window, "eval_seqlen": p.eval_seqlen,
+                       "eval_tokens": p.eval_tokens, "dtype": p.dtype,
+                       "compute_dtype": p.compute_dtype}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
 def score_candidates(session: Session, label: str,
                      candidates: Sequence[tuple[float, Sequence[float]]],
                      pruner: str, pattern: str) -> list[dict]:
     """Prune with each ``(value, block_sparsity)`` and score it on the tuning slice: one curve
     point ``{label: value, "tune_ppl", "tune_nll", "tune_window_nll"}`` each (the model is left
-    pruned with the last one; :func:`choose_on_tuning_slice` restores it)."""
+    pruned with the last one; :func:`choose_on_tuning_slice` restores it).
+
+    Each score is kept in the cache (``$SPARSEALLOC_CACHE/tuning``) as soon as it is measured,
+    so a tuning cut short (a crash, the end of a session) goes on from the candidates it had
+    finished when the same row runs again; a point taken from the cache says ``"cached": true``.
+    """
     name, split = tune_corpus(session.protocol.calib)
     curve = []
     for value, block_sparsity in candidates:
-        session.prune(pruner, pattern, block_sparsity, spec=f"{label}={value:g}")
-        rec = session.perplexity([name], split, stage=f"{label}_search")[name]
-        point = {label: value, "tune_ppl": rec["ppl"]}
-        if "window_nll" in rec:
-            point["tune_nll"] = rec["mean_nll"]
-            point["tune_window_nll"] = list(rec["window_nll"])
+        fresh: list[bool] = []
+
+        def measure(block_sparsity: Sequence[float] = block_sparsity, value: float = value,
+                    fresh: list[bool] = fresh) -> dict:
+            session.prune(pruner, pattern, block_sparsity, spec=f"{label}={value:g}")
+            rec = session.perplexity([name], split, stage=f"{label}_search")[name]
+            fresh.append(True)
+            out = {"tune_ppl": rec["ppl"]}
+            if "window_nll" in rec:
+                out |= {"tune_nll": rec["mean_nll"], "tune_window_nll": list(rec["window_nll"])}
+            return out
+
+        key = point_key(session, block_sparsity, pruner, pattern, name, split)
+        scored = session.disk_cached("tuning", key, measure,
+                                     valid=lambda r: "tune_window_nll" in r)
+        point = {label: value, **scored}
+        if not fresh:
+            point["cached"] = True
         curve.append(point)
     return curve
 
