@@ -16,15 +16,23 @@ from __future__ import annotations
 import math
 
 
-def paired_task(a: str, b: str) -> tuple[float, float, int]:
-    """(mean difference, its variance, n) of two ``correct`` strings of one task."""
+def paired_diff(a: list[float], b: list[float]) -> tuple[float, float, int]:
+    """(mean of ``a_i - b_i``, the variance of that mean, n): sample variance (ddof 1), 0 for
+    one pair."""
     if len(a) != len(b) or not a:
-        raise ValueError(f"paired rows need the same documents ({len(a)} vs {len(b)})")
-    d = [int(x) - int(y) for x, y in zip(a, b, strict=True)]
+        raise ValueError(f"paired values need the same items ({len(a)} vs {len(b)})")
+    d = [x - y for x, y in zip(a, b, strict=True)]
     n = len(d)
     mean = sum(d) / n
     var = sum((x - mean) ** 2 for x in d) / (n - 1) if n > 1 else 0.0
     return mean, var / n, n
+
+
+def paired_task(a: str, b: str) -> tuple[float, float, int]:
+    """(mean difference, its variance, n) of two ``correct`` strings of one task."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired rows need the same documents ({len(a)} vs {len(b)})")
+    return paired_diff([int(x) for x in a], [int(y) for y in b])
 
 
 def paired_change(a: dict, b: dict, tasks: list[str] | None = None) -> dict | None:
@@ -44,15 +52,9 @@ def paired_change(a: dict, b: dict, tasks: list[str] | None = None) -> dict | No
 
 
 def paired_se(a: list[float], b: list[float]) -> float:
-    """Standard error of the mean of ``a_i - b_i`` (sample variance, ddof 1; 0 for one pair):
-    two models' NLLs on the same perplexity windows."""
-    if len(a) != len(b) or not a:
-        raise ValueError(f"paired values need the same windows ({len(a)} vs {len(b)})")
-    d = [x - y for x, y in zip(a, b, strict=True)]
-    if len(d) < 2:
-        return 0.0
-    mean = sum(d) / len(d)
-    return math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+    """Standard error of the mean of ``a_i - b_i`` (0 for one pair): two models' NLLs on the
+    same perplexity windows."""
+    return math.sqrt(paired_diff(a, b)[1])
 
 
 def mean_stderr(rows: dict, tasks: list[str] | None = None) -> float | None:

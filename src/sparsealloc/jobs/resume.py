@@ -103,17 +103,16 @@ def differences(rec: dict, row: RowSpec) -> list[str]:
     out += [f"{what} {old} there, {new} now" for what, old, new in checks
             if not same_value(old, new)]
     recorded = set_options((rec.get("allocation_details") or {}).get("options") or {})
-    now, group_of, quiet = row.options.record(), _groups(), quiet_defaults()
+    now, group_of = row.options.record(), _groups()
+    used = {group_of.get(k) for k in recorded} - {None}
     # a when_set option left at its default is not recorded: absent there means the default
-    recorded = {k: quiet[k] for k in quiet if k not in recorded and group_of.get(k) in
-                {group_of.get(r) for r in recorded}} | recorded
+    recorded = {k: v for k, v in quiet_defaults().items() if group_of.get(k) in used} | recorded
     for key, old in sorted(recorded.items()):
         if key not in now:
             out.append(f"{key}={old} there, an option this version does not have")
         elif not same_value(old, now[key]):
             out.append(f"{key}={old} there, {now[key]} now")
     # an option added to a group the row used: the row predates it, it ran without it
-    used = {group_of.get(k) for k in recorded} - {None}
     out += [f"{key} not recorded there (made before it existed)" for key in sorted(now)
             if group_of.get(key) in used and key not in recorded]
     return out

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 from .recommend import (
     SEARCH_LABEL,
+    across_label,
     across_settings,
-    allocation_label,
     left_out_line,
     measured_in,
     setting_name,
@@ -24,11 +24,8 @@ def coverage(settings: Sequence[dict], defaults: dict | None = None, min_setting
     "left_out": n}``; searched rows are one row (one seed is their protocol) and are not
     counted short."""
     def cell(e: dict) -> tuple[str, int, list[int]] | None:
-        if e["allocation"].startswith("search"):
-            if not e.get("searched_reference"):
-                return None
-            return SEARCH_LABEL, len(e["seeds"]), list(e["seeds"])
-        return allocation_label(e, defaults), len(e["seeds"]), list(e["seeds"])
+        label = across_label(e, defaults)
+        return None if label is None else (label, len(e["seeds"]), list(e["seeds"]))
 
     table, left_out = measured_in(across_settings(settings, cell), min_settings,
                                   keep=("uniform", SEARCH_LABEL))

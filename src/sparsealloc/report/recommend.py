@@ -55,6 +55,14 @@ def allocation_label(entry: dict, defaults: dict | None) -> str:
     return entry["allocation"] + options_text(dict(entry, options=method), defaults)
 
 
+def across_label(entry: dict, defaults: dict | None) -> str | None:
+    """A frontier row's label across settings: :data:`SEARCH_LABEL` for the setting's searched
+    reference, None for its other searches, else :func:`allocation_label`."""
+    if entry["allocation"].startswith("search"):
+        return SEARCH_LABEL if entry.get("searched_reference") else None
+    return allocation_label(entry, defaults)
+
+
 def beats_uniform(change: dict | None) -> bool:
     """Negative paired change beyond twice its standard error."""
     return significant(change) and change["mean"] < 0
@@ -109,12 +117,9 @@ def summary(settings: Sequence[dict], defaults: dict | None = None,
     ``min_settings`` settings are left out (an ablation variant run once) and counted in
     ``left_out``; uniform and the search never are."""
     def cell(e: dict) -> tuple[str, int, dict] | None:
-        if e["allocation"].startswith("search"):
-            if not e.get("searched_reference"):
-                return None
-            label = SEARCH_LABEL
-        else:
-            label = allocation_label(e, defaults)
+        label = across_label(e, defaults)
+        if label is None:
+            return None
         if e["allocation"] == "uniform":
             change = {"mean": 0.0, "se": None, "n": len(e["seeds"])}
         else:

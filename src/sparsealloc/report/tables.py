@@ -219,15 +219,15 @@ def table(paths: list[str], *, style: str = "grid", variant: dict | None = None,
         if style == "shift":
             return conflicts + render_shift(shift_summary(settings, defaults, min_settings))
         if style == "coverage":
-            return render_coverage(coverage(settings, defaults, min_settings))
+            return conflicts + render_coverage(coverage(settings, defaults, min_settings))
         text = render_frontier(settings, defaults, min_seeds)
         if len(settings) > 1:
             text += "\n\n" + render_summary(summary(settings, defaults, min_settings))
         return conflicts + text
     check(min_settings == 1, "--min-settings filters the across-settings summaries: use it with "
-          "--style frontier, recommend or shift")
+          "--style frontier, recommend, shift or coverage")
     check(plot is None, "--plot draws the frontier figure: use it with --style frontier, "
-          "recommend or shift")
+          "recommend, shift or coverage")
     if style == "rows":
         return "\n".join(render_rows(path, rec) for path, rec in records)
     if style == "tuned":

@@ -16,15 +16,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..tuning import choose
-from .seeds import base_of, rows_by_run, setting_of
+from .seeds import base_of, rows_by_run, setting_of, sibling
 
 CURVES = (("beta_curve", "span", "beta", "linear_beta_used", "linear_select"),
           ("gamma_curve", "gamma", "gamma", "absorb_gamma_used", "absorb_select"))
 """(recorded curve, value shown, value chosen on, recorded choice, rule option) of each tuned
 option."""
-
-RULES = ("min", "1se")
-
 
 @dataclass
 class TunedChoice:
@@ -94,11 +91,8 @@ def _known_ppl(first: dict, key: tuple, seed: int, value: float, on: str, used: 
     if value != 0:
         return None
     target = "uniform" if on == "beta" and base_of(key[4]) is None else base_of(key[4])
-    for k, r in same:
-        theirs = json.loads(k[5])
-        if k[4] == target and all(mine.get(o) == theirs[o] for o in theirs):
-            return _main_ppl(r)
-    return None
+    found = sibling(dict(same), key, target)  # the row without the shift, with the row's options
+    return None if found is None else _main_ppl(found)
 
 
 def _num(x: float | None, fmt: str) -> str:
