@@ -3,7 +3,9 @@
 Reads compare.json files and prints one markdown table: for every row whose allocation is a
 search, the level database (seconds, entries built or reused from the cache, size), the search
 (seconds, of which the held-out check), the prune of the searched allocation in the same run,
-and each as a multiple of that prune (the figures quoted in BENCHMARKS.md).
+and each as a multiple of that prune (the figures quoted in BENCHMARKS.md). A search resumed from
+an earlier process's progress, or a database taken from the cache, says so: its seconds then
+cover only the part this process did, not what a search costs.
 
     python bench/search_cost.py results/frontier/*-search*/compare.json
 """
@@ -28,6 +30,11 @@ def rows(path: str) -> list[str]:
         db = (f"{cost['database_seconds']:.0f} ({built} built, {reused} cached, "
               f"{cost['database_bytes'] / 2**20:.0f} MiB)")
         gens = search["config"]["generations"]
+        resumed = search.get("resumed_at_generation")
+        if resumed:  # the generations before it ran in an earlier process: not this cost
+            check += f"; resumed at generation {resumed}, earlier generations not timed"
+        if reused:
+            check += "; database entries from the cache not timed"
         out.append(
             f"| {rec['model']} | {row['allocation']} | {prune:.0f} | {db} | "
             f"{cost['database_seconds'] / prune:.1f} | {cost['search_seconds']:.0f} "
