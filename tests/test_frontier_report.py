@@ -6,7 +6,7 @@ import pytest
 
 from sparsealloc.errors import UserError
 from sparsealloc.report.coverage import coverage, render_coverage
-from sparsealloc.report.frontier import frontier, l1, render_frontier, spearman
+from sparsealloc.report.frontier import frontier, l1, legend_labels, render_frontier, spearman
 from sparsealloc.report.recommend import SEARCH_LABEL, render_summary, summary
 from sparsealloc.report.seeds import row_labels
 from sparsealloc.report.shift import render_shift, shift_summary
@@ -77,6 +77,26 @@ def test_table_frontier_writes_plot(tmp_path):
     assert "reference: `search`" in text and (tmp_path / "f.png").stat().st_size > 1000
     with pytest.raises(UserError, match="--plot draws the frontier figure"):
         table(paths, style="grid", plot=tmp_path / "g.png")
+
+
+def test_legend_labels_tell_variants_of_one_allocation_apart():
+    (setting,) = frontier([("a", _record([
+        _row("uniform", 100.0, [0.5, 0.5], 0),
+        _row("linear:auto", 90.0, [0.4, 0.6], 0),
+        _row("linear:auto", 95.0, [0.5, 0.5], 0, linear_select="1se"),
+        _row("owl+absorb", 80.0, [0.45, 0.55], 0, absorb_final="damage", absorb_gamma=0.1),
+        _row("owl+absorb", 85.0, [0.3, 0.7], 0, absorb_gamma=0.1),
+        _row("alpha", 120.0, [0.4, 0.6], 0, alpha_eps=0.3, tokens=[2, 1]),
+        _row("alpha", 130.0, [0.6, 0.4], 0, alpha_eps=0.2, tokens=[3, 1]),
+        _row("dlp", 140.0, [0.6, 0.4], 0, dlp_alpha=0.1, tokens=[3, 1]),
+        _row("dlp", 150.0, [0.6, 0.4], 0)]))])
+    rows = sorted(setting["rows"], key=lambda e: e["ppl_mean"])
+    # rows alone in their allocation keep its name; the two pairs name what differs (not the
+    # options they share), so no two legend entries read the same
+    assert legend_labels(rows) == [
+        "owl+absorb (absorb_final=damage)", "owl+absorb", "linear:auto",
+        "linear:auto (linear_select=1se)", "uniform", "alpha (alpha_eps=0.3, tokens=[2, 1])",
+        "alpha (alpha_eps=0.2, tokens=[3, 1])", "dlp (dlp_alpha=0.1, tokens=[3, 1])", "dlp"]
 
 
 def test_setting_without_search_has_no_distances():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 
 from ..errors import check
@@ -171,3 +172,16 @@ def render_frontier(settings: list[dict], defaults: dict | None = None,
                       "seeds left out (`--min-seeds`)."]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+def legend_labels(rows: list[dict]) -> list[str]:
+    """Short names for a figure's legend: each row's allocation, and where two rows share it
+    (``linear:auto`` and its ``linear_select=1se`` variant, OWL+absorb with either coefficient)
+    the options in which they differ; a row without such an option keeps the bare name."""
+    out = []
+    for label in row_labels(rows, None):
+        name, _, opts = label.partition(" (")
+        kept = [o for o in re.split(r"[;,] (?=\w+=)", opts[:-1])
+                if o and not o.endswith("=absent")]
+        out.append(f"{name} ({', '.join(kept)})" if kept else name)
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -166,20 +167,23 @@ def plot_search(curves: dict[str, list[float]], path: str | Path, title: str = "
     return _save(fig, path)
 
 
-def plot_frontier(settings: list[dict], path: str | Path, title: str = "") -> Path:
+def plot_frontier(settings: list[dict], path: str | Path, title: str = "",
+                  labels: Callable[[list[dict]], list[str]] | None = None) -> Path:
     """Each setting's allocations (mean over seeds) on one figure, one panel per setting;
-    the searched reference in black."""
+    the searched reference in black. ``labels`` names a panel's rows (in the order given, by
+    perplexity) in its legend; by default each row's allocation."""
     n = max(len(settings), 1)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(10 * cols, 4.5 * rows), squeeze=False,
                              layout="constrained")  # keeps each legend clear of the next panel
     for ax, s in zip(axes.flat, settings, strict=False):
-        for e in sorted(s["rows"], key=lambda e: e["ppl_mean"]):
-            alloc = e.get("allocation_mean")
-            if not alloc:
-                continue
-            label = f"{e['allocation']} ({e['ppl_mean']:.0f})"
+        drawn = [e for e in sorted(s["rows"], key=lambda e: e["ppl_mean"])
+                 if e.get("allocation_mean")]
+        names = labels(drawn) if labels else [e["allocation"] for e in drawn]
+        for e, name in zip(drawn, names, strict=True):
+            alloc = e["allocation_mean"]
+            label = f"{name} ({e['ppl_mean']:.0f})"
             if e.get("searched_reference"):
                 ax.plot(alloc, color="black", lw=2.2, label=label, zorder=5)
             else:

@@ -27,7 +27,7 @@ from pathlib import Path
 from ..errors import UserError, check
 from ..io import read_json
 from .coverage import coverage, render_coverage
-from .frontier import frontier, render_frontier
+from .frontier import frontier, legend_labels, render_frontier
 from .plots import plot_frontier
 from .recommend import render_summary, summary
 from .seeds import collect_seeds, render_seeds, same_value, seed_conflicts, summarise
@@ -213,7 +213,7 @@ def table(paths: list[str], *, style: str = "grid", variant: dict | None = None,
         conflicts = "".join(f"{w}\n" for w in seed_conflicts(records))
         settings = frontier(records)
         if plot is not None:
-            plot_frontier(settings, plot)
+            plot_frontier(settings, plot, labels=legend_labels)
         if style == "recommend":
             return conflicts + render_summary(summary(settings, defaults, min_settings))
         if style == "shift":
