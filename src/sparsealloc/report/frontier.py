@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterable, Sequence
 
 from ..errors import check
@@ -23,6 +22,7 @@ from .seeds import (
     PROTOCOL_KEYS,
     base_of,
     collect_seeds,
+    differing_options,
     format_change,
     row_labels,
     rows_by_run,
@@ -177,11 +177,18 @@ def render_frontier(settings: list[dict], defaults: dict | None = None,
 def legend_labels(rows: list[dict]) -> list[str]:
     """Short names for a figure's legend: each row's allocation, and where two rows share it
     (``linear:auto`` and its ``linear_select=1se`` variant, OWL+absorb with either coefficient)
-    the options in which they differ; a row without such an option keeps the bare name."""
-    out = []
-    for label in row_labels(rows, None):
-        name, _, opts = label.partition(" (")
-        kept = [o for o in re.split(r"[;,] (?=\w+=)", opts[:-1])
-                if o and not o.endswith("=absent")]
-        out.append(f"{name} ({', '.join(kept)})" if kept else name)
+    the options in which they differ that the row has; a row with none keeps the bare name."""
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(rows):
+        groups.setdefault(e["allocation"], []).append(i)
+    out = [e["allocation"] for e in rows]
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        differ = differing_options([rows[i]["options"] for i in members])
+        for i in members:
+            opts = rows[i]["options"]
+            shown = ", ".join(f"{k}={opts[k]}" for k in differ if k in opts)
+            if shown:
+                out[i] += f" ({shown})"
     return out

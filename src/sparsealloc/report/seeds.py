@@ -172,6 +172,15 @@ def options_text(entry: dict, defaults: dict | None) -> str:
     return f" ({', '.join(diff)})" if diff else ""
 
 
+def differing_options(options: list[dict]) -> list[str]:
+    """The keys, sorted, in which the option dicts differ: a value, or present in one and
+    absent from another."""
+    keys = sorted({k for opts in options for k in opts})
+    first = options[0]
+    return [k for k in keys if any(k not in opts or k not in first
+                                   or not same_value(opts[k], first[k]) for opts in options)]
+
+
 def row_labels(entries: list[dict], defaults: dict | None) -> list[str]:
     """Each entry's allocation and :func:`options_text`; rows that would read the same (one
     recorded an option the other predates, or differs only in an option without a default) also
@@ -184,11 +193,7 @@ def row_labels(entries: list[dict], defaults: dict | None) -> list[str]:
     for label, members in groups.items():
         if len(members) < 2:
             continue
-        keys = sorted({k for i in members for k in entries[i]["options"]})
-        differ = [k for k in keys if any(
-            k not in entries[i]["options"] or k not in entries[members[0]]["options"]
-            or not same_value(entries[i]["options"][k], entries[members[0]]["options"][k])
-            for i in members)]
+        differ = differing_options([entries[i]["options"] for i in members])
         for i in members:
             opts = entries[i]["options"]
             extra = ", ".join(f"{k}={opts[k] if k in opts else 'absent'}" for k in differ)
