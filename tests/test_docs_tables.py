@@ -12,7 +12,15 @@ from typer.testing import CliRunner
 
 from sparsealloc.cli import app
 from sparsealloc.report.compare import render_markdown
-from sparsealloc.report.docs import DOCS, doc_tables, refresh, table_arguments
+from sparsealloc.report.docs import (
+    DOCS,
+    doc_tables,
+    prose_figures,
+    refresh,
+    section,
+    table_arguments,
+    table_figures,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [(doc, entry.command, entry.table) for doc in DOCS
@@ -46,11 +54,44 @@ def test_doc_table_regenerates(monkeypatch, doc, command, expected):
     assert got == expected.strip().splitlines()
 
 
-COMPARES = sorted(glob.glob(str(ROOT / "results" / "*" / "compare.json")))
+# every level: results/frontier/<setting>/compare.md went stale unseen while this looked one deep
+COMPARES = sorted(glob.glob(str(ROOT / "results" / "**" / "compare.json"), recursive=True))
 
 
-@pytest.mark.parametrize("path", COMPARES, ids=[Path(p).parent.name for p in COMPARES])
+@pytest.mark.parametrize("path", COMPARES,
+                         ids=[str(Path(p).parent.relative_to(ROOT / "results")) for p in COMPARES])
 def test_committed_compare_md_regenerates(path):
     md = Path(path).with_name("compare.md")
     record = json.loads(Path(path).read_text())
     assert render_markdown(record) == md.read_text()
+
+
+def test_section_and_prose_figures():
+    text = ("# A\n## B\nx -1.0% ± 0.5%\n```bash\n# not a heading\n```\n| -2.0% ± 0.1% |\n"
+            "### C\n+3% ± 1% and 4% ± 2.5%\n## D\n-9.9% ± 9.9%\n")
+    b = section(text, "## B")
+    assert b.startswith("## B\n") and b.endswith("4% ± 2.5%\n")
+    assert prose_figures(b) == ["-1.0% ± 0.5%", "+3% ± 1%", "4% ± 2.5%"]
+    assert section(text, "## D") == "## D\n-9.9% ± 9.9%\n"
+    assert table_figures("```\nsparsealloc table x.json\n```\n| -2.0% ± 0.1% |\n") == {
+        "-2.0% ± 0.1%"}
+    with pytest.raises(KeyError):
+        section(text, "## E")
+
+
+# The prose that states where the project stands: README's advice and RESULTS' summary.
+CURRENT_PROSE = [("README.md", None), ("RESULTS.md", "### Where it stands (every session's "
+                                                    "runs; read this first)")]
+
+
+@pytest.mark.parametrize("doc, heading", CURRENT_PROSE, ids=[d for d, _ in CURRENT_PROSE])
+def test_current_prose_quotes_only_regenerated_figures(doc, heading):
+    """Every ``mean% ± se%`` the current statements quote is in a table the docs regenerate:
+    a figure copied by hand goes stale when results are added (README's did, for four
+    sessions), and the refreshed tables no longer hold it."""
+    text = (ROOT / doc).read_text()
+    prose = text if heading is None else section(text, heading)
+    figures = set().union(*(table_figures((ROOT / d).read_text()) for d in DOCS))
+    quoted = prose_figures(prose)
+    assert quoted, f"{doc} quotes no figure: the check would pass vacuously"
+    assert [f for f in quoted if f not in figures] == []

@@ -14,7 +14,8 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["DOCS", "DocTable", "table_arguments", "doc_tables", "refresh"]
+__all__ = ["DOCS", "DocTable", "table_arguments", "doc_tables", "refresh", "prose_figures",
+           "section", "table_figures"]
 
 # The docs whose quoted tables are checked and refreshed.
 DOCS = ("RESULTS.md", "FINDINGS.md", "BENCHMARKS.md", "README.md")
@@ -22,6 +23,9 @@ DOCS = ("RESULTS.md", "FINDINGS.md", "BENCHMARKS.md", "README.md")
 # A fenced block, blank lines, then the table (consecutive lines starting with "|"). The block
 # never spans a fence: a block with no table after it is not joined to the next one's table.
 _FENCE = re.compile(r"```[^\n]*\n((?:(?!```).)*?)```\n+((?:\|[^\n]*\n)+)", re.S)
+
+# A paired change as the tables print it: "-38.4% ± 2.0%".
+_FIGURE = re.compile(r"[+-]?\d+(?:\.\d+)?% ± \d+(?:\.\d+)?%")
 
 
 @dataclass(frozen=True)
@@ -77,3 +81,38 @@ def refresh(text: str, run: Callable[[str], str]) -> tuple[str, int]:
             changed += 1
             text = text[: entry.start] + new + text[entry.end:]
     return text, changed
+
+
+def prose_figures(text: str) -> list[str]:
+    """The ``mean% ± se%`` figures ``text`` quotes outside its tables and code blocks."""
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    lines = [line for line in prose.splitlines() if not line.lstrip().startswith("|")]
+    return _FIGURE.findall("\n".join(lines))
+
+
+def table_figures(text: str) -> set[str]:
+    """The ``mean% ± se%`` figures in the quoted (regenerated) tables of ``text``."""
+    return {fig for entry in doc_tables(text) for fig in _FIGURE.findall(entry.table)}
+
+
+def section(text: str, heading: str) -> str:
+    """The part of ``text`` from the line ``heading`` to the next heading of its level or
+    higher (lines in code blocks are not headings). Raises ``KeyError`` when no line is
+    ``heading``."""
+    lines = text.splitlines(keepends=True)
+    level = len(heading) - len(heading.lstrip("#"))
+    start, fenced = None, False
+    for i, line in enumerate(lines):
+        if line.startswith("```"):
+            fenced = not fenced
+            continue
+        depth = len(line) - len(line.lstrip("#"))
+        if fenced or not depth or not line[depth:].startswith(" "):
+            continue
+        if start is None and line.rstrip("\n") == heading:
+            start = i
+        elif start is not None and depth <= level:
+            return "".join(lines[start:i])
+    if start is None:
+        raise KeyError(heading)
+    return "".join(lines[start:])
