@@ -22,8 +22,8 @@ from .seeds import (
     PROTOCOL_KEYS,
     base_of,
     collect_seeds,
-    differing_options,
     format_change,
+    group_differences,
     row_labels,
     rows_by_run,
     setting_of,
@@ -178,17 +178,10 @@ def legend_labels(rows: list[dict]) -> list[str]:
     """Short names for a figure's legend: each row's allocation, and where two rows share it
     (``linear:auto`` and its ``linear_select=1se`` variant, OWL+absorb with either coefficient)
     the options in which they differ that the row has; a row with none keeps the bare name."""
-    groups: dict[str, list[int]] = {}
-    for i, e in enumerate(rows):
-        groups.setdefault(e["allocation"], []).append(i)
-    out = [e["allocation"] for e in rows]
-    for members in groups.values():
-        if len(members) < 2:
-            continue
-        differ = differing_options([rows[i]["options"] for i in members])
-        for i in members:
-            opts = rows[i]["options"]
-            shown = ", ".join(f"{k}={opts[k]}" for k in differ if k in opts)
-            if shown:
-                out[i] += f" ({shown})"
+    names = [e["allocation"] for e in rows]
+    out = []
+    for name, e, differ in zip(names, rows, group_differences(names, [e["options"] for e in rows]),
+                               strict=True):
+        shown = ", ".join(f"{k}={e['options'][k]}" for k in differ if k in e["options"])
+        out.append(f"{name} ({shown})" if shown else name)
     return out

@@ -181,25 +181,37 @@ def differing_options(options: list[dict]) -> list[str]:
                                    or not same_value(opts[k], first[k]) for opts in options)]
 
 
+def group_differences(names: list[str], options: list[dict]) -> list[list[str]]:
+    """For each row, the option keys (:func:`differing_options`) in which the rows sharing its
+    name differ; ``[]`` for a row whose name no other row has."""
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(name, []).append(i)
+    out: list[list[str]] = [[] for _ in names]
+    for members in groups.values():
+        if len(members) > 1:
+            differ = differing_options([options[i] for i in members])
+            for i in members:
+                out[i] = differ
+    return out
+
+
 def row_labels(entries: list[dict], defaults: dict | None) -> list[str]:
     """Each entry's allocation and :func:`options_text`; rows that would read the same (one
     recorded an option the other predates, or differs only in an option without a default) also
     show the options in which they differ (``key=absent`` where a row lacks one)."""
     labels = [e["allocation"] + options_text(e, defaults) for e in entries]
-    groups: dict[str, list[int]] = {}
-    for i, label in enumerate(labels):
-        groups.setdefault(label, []).append(i)
-    out = list(labels)
-    for label, members in groups.items():
-        if len(members) < 2:
-            continue
-        differ = differing_options([entries[i]["options"] for i in members])
-        for i in members:
-            opts = entries[i]["options"]
-            extra = ", ".join(f"{k}={opts[k] if k in opts else 'absent'}" for k in differ)
-            if extra:
-                out[i] = (label[:-1] + f"; {extra})") if label.endswith(")") \
-                    else f"{label} ({extra})"
+    differs = group_differences(labels, [e["options"] for e in entries])
+    out = []
+    for label, e, differ in zip(labels, entries, differs, strict=True):
+        opts = e["options"]
+        extra = ", ".join(f"{k}={opts[k] if k in opts else 'absent'}" for k in differ)
+        if not extra:
+            out.append(label)
+        elif label.endswith(")"):
+            out.append(label[:-1] + f"; {extra})")
+        else:
+            out.append(f"{label} ({extra})")
     return out
 
 
